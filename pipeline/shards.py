@@ -1,0 +1,389 @@
+"""Parquet contracts: one schema per table, atomic writes, validated readers, provenance.
+
+Every table the pipeline stores is declared here (``SCHEMAS``). Coordinates are always
+``x1, y1, x2, y2`` in original-image pixels (float32). String key columns are
+dictionary-encoded, files are zstd-compressed, and provenance (producing stage, config,
+code version, input checksums) lives in the schema-level metadata under the key ``confrank``.
+
+Writes go to a temporary file in the destination folder, are fsync'ed, then renamed over the
+final name, so a final path never holds a half-written file. Nothing time-dependent is
+stored, so the same inputs give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import __version__
+from pipeline.errors import SchemaError
+
+META_KEY = b"confrank"
+LANDMARK_COLUMNS = tuple(f"lm_{a}{i}" for i in range(5) for a in "xy")
+ATTRIBUTE_COLUMNS = ("blur", "expression", "illumination", "invalid", "occlusion", "pose")
+BOX_COLUMNS = ("x1", "y1", "x2", "y2")
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of a contract: name, arrow type, and whether a file must have it."""
+
+    name: str
+    type: pa.DataType
+    required: bool = True
+
+
+def _cols(names: Sequence[str], type_: pa.DataType, required: bool = True) -> list[Column]:
+    return [Column(n, type_, required) for n in names]
+
+
+_STR = pa.string()
+_F32 = pa.float32()
+
+SCHEMAS: dict[str, list[Column]] = {
+    # one row per image of a dataset
+    "images": [
+        Column("image_id", _STR), Column("path", _STR), Column("width", pa.int32()),
+        Column("height", pa.int32()), Column("split", _STR), Column("event", _STR),
+    ],
+    # one row per ground-truth face; gt_id is the 0-based index of the face in its image,
+    # in annotation order (the .mat keep lists are gt_id + 1)
+    "gt": [
+        Column("image_id", _STR), Column("gt_id", pa.int32()),
+        *_cols(BOX_COLUMNS, _F32),
+        *_cols(ATTRIBUTE_COLUMNS, pa.int8()),
+        Column("easy", pa.bool_()), Column("medium", pa.bool_()), Column("hard", pa.bool_()),
+        Column("ignore", pa.bool_(), required=False),
+        *_cols(LANDMARK_COLUMNS, _F32, required=False),
+    ],
+    # raw detector output: every box above the confidence floor, top_k per image and scale
+    "detections": [
+        Column("image_id", _STR), Column("detector", _STR), Column("scale", pa.int32()),
+        Column("flip", pa.bool_()), *_cols(BOX_COLUMNS, _F32), Column("score", _F32),
+        *_cols(LANDMARK_COLUMNS, _F32, required=False),
+        Column("oracle_iou", _F32, required=False), Column("gt_id", pa.int32(), required=False),
+        Column("rank_score", _F32, required=False),
+    ],
+    # per-image detector latency, the side table of a detections shard
+    "latency": [
+        Column("image_id", _STR), Column("detector", _STR), Column("scale", pa.int32()),
+        Column("flip", pa.bool_()), Column("latency_ms", _F32),
+        Column("input_width", pa.int32()), Column("input_height", pa.int32()),
+    ],
+    # boxes after NMS or voting: what is evaluated and exported
+    "final": [
+        Column("image_id", _STR), *_cols(BOX_COLUMNS, _F32), Column("score", _F32),
+    ],
+    # precision/recall curves, one row per subset, IoU threshold and score threshold
+    "pr": [
+        Column("subset", _STR), Column("iou", _F32), Column("threshold", _F32),
+        Column("recall", pa.float64()), Column("precision", pa.float64()),
+    ],
+    # ranker training log, one row per logged step
+    "train_log": [
+        Column("step", pa.int64()), Column("loss", _F32), Column("lr", pa.float64()),
+        Column("pair_accuracy", _F32), Column("samples_per_s", _F32),
+    ],
+}
+
+#: columns stored dictionary-encoded (few distinct values, many rows)
+DICTIONARY_COLUMNS = frozenset({"image_id", "detector", "split", "event", "subset"})
+
+
+def _arrow_type(col: Column) -> pa.DataType:
+    if col.name in DICTIONARY_COLUMNS:
+        return pa.dictionary(pa.int32(), col.type)
+    return col.type
+
+
+def arrow_schema(kind: str, columns: Sequence[str] | None = None) -> pa.Schema:
+    """The arrow schema of table ``kind``; ``columns`` picks (and orders) optional columns.
+
+    Without ``columns`` only the required columns are included.
+    """
+    spec = _spec(kind)
+    if columns is None:
+        chosen = [c for c in spec if c.required]
+    else:
+        by_name = {c.name: c for c in spec}
+        chosen = [by_name[n] for n in columns]
+    return pa.schema([pa.field(c.name, _arrow_type(c), nullable=True) for c in chosen])
+
+
+def _spec(kind: str) -> list[Column]:
+    try:
+        return SCHEMAS[kind]
+    except KeyError:
+        raise SchemaError(f"unknown table kind {kind!r}; known: {sorted(SCHEMAS)}") from None
+
+
+def empty_frame(kind: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """An empty pandas DataFrame with the dtypes a reader returns for ``kind``."""
+    return arrow_schema(kind, columns).empty_table().to_pandas()
+
+
+def conform(data: pd.DataFrame | pa.Table, kind: str, source: str = "<data>") -> pa.Table:
+    """Check ``data`` against contract ``kind`` and cast it to the stored types.
+
+    Columns keep the contract's order (required first, then the optional ones present).
+    Raises :class:`SchemaError` naming ``source`` on a missing required column, an unknown
+    column, or a value that cannot be cast.
+    """
+    table = data if isinstance(data, pa.Table) else pa.Table.from_pandas(data, preserve_index=False)
+    spec = _spec(kind)
+    names = set(table.column_names)
+    missing = [c.name for c in spec if c.required and c.name not in names]
+    unknown = sorted(names - {c.name for c in spec})
+    if missing or unknown:
+        raise SchemaError(
+            f"{source}: not a {kind!r} table: missing columns {missing}, unknown columns {unknown}; "
+            f"expected {[c.name for c in spec]}"
+        )
+    chosen = [c.name for c in spec if c.name in names]
+    schema = arrow_schema(kind, chosen)
+    arrays = []
+    for field in schema:
+        col = table.column(field.name)
+        try:
+            if pa.types.is_dictionary(field.type) and pa.types.is_dictionary(col.type):
+                col = col.cast(pa.string())
+            arrays.append(col.cast(field.type))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise SchemaError(f"{source}: column {field.name!r} of {kind!r} must be {field.type}: {exc}") from exc
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+# ----------------------------------------------------------------------------- provenance
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """``<package version>+<12 hex digits>``: a hash of every .py file of pipeline/ and stages/.
+
+    It changes whenever the code that produced an output changes, and only then.
+    """
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for package in ("pipeline", "stages"):
+        for path in sorted((root / package).rglob("*.py")):
+            digest.update(str(path.relative_to(root)).encode())
+            digest.update(path.read_bytes())
+    return f"{__version__}+{digest.hexdigest()[:12]}"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """A short, order-independent hash of a JSON-able config mapping."""
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def provenance(
+    stage: str,
+    config: Mapping[str, Any] | None = None,
+    inputs: Sequence[str | Path] = (),
+    **extra: Any,
+) -> dict[str, Any]:
+    """The metadata every output records: stage, config (and its hash), code version, inputs.
+
+    ``inputs`` are hashed with sha256 (file) and recorded by name relative to the working
+    folder when possible. ``extra`` adds stage-specific keys (detector, weights sha256, ...).
+    The snakemake rule name is taken from ``CONFRANK_RULE`` when the Snakefile sets it.
+    """
+    config = dict(config or {})
+    record: dict[str, Any] = {
+        "stage": stage,
+        "rule": os.environ.get("CONFRANK_RULE", ""),
+        "code_version": code_version(),
+        "config": config,
+        "config_hash": config_hash(config),
+        "inputs": {_display(p): sha256_file(p) for p in inputs if Path(p).is_file()},
+    }
+    record.update(extra)
+    return record
+
+
+def _display(path: str | Path) -> str:
+    p = Path(path)
+    with contextlib.suppress(ValueError):
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    return p.name
+
+
+# ----------------------------------------------------------------------------- atomic I/O
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it over ``path``.
+
+    On any exception (including a full disk) the temporary file is removed and ``path`` is
+    left as it was: the final name never holds a partial file. Temporary names start with a
+    dot and carry the process id, so a stale one from a killed job never collides.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through :func:`atomic_output`."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_table(
+    data: pd.DataFrame | pa.Table,
+    path: str | Path,
+    kind: str,
+    metadata: Mapping[str, Any] | None = None,
+    sort_by: Sequence[tuple[str, str]] | None = None,
+) -> pa.Table:
+    """Validate ``data`` as table ``kind`` and write it atomically as zstd Parquet.
+
+    ``sort_by`` is a pyarrow sort spec, e.g. ``[("image_id", "ascending"), ("score",
+    "descending")]``; sorting is stable. ``metadata`` (JSON-able) is stored under the
+    ``confrank`` schema-metadata key. Returns the table as written.
+    """
+    table = conform(data, kind, source=str(path))
+    if sort_by:
+        order = _sort_indices(table, sort_by)
+        table = table.take(order)
+    meta = {META_KEY: json.dumps(dict(metadata or {}), sort_keys=True, default=str).encode()}
+    table = table.replace_schema_metadata(meta)
+    with atomic_output(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd", use_dictionary=True, write_statistics=True)
+    return table
+
+
+def _sort_indices(table: pa.Table, sort_by: Sequence[tuple[str, str]]) -> pa.Array:
+    # dictionary columns sort by their index otherwise; sort by value instead
+    keys = {}
+    for name, _ in sort_by:
+        col = table.column(name)
+        keys[name] = col.cast(pa.string()) if pa.types.is_dictionary(col.type) else col
+    proxy = pa.table(keys)
+    return pa.compute.sort_indices(proxy, sort_keys=list(sort_by))
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The provenance dict a file was written with ({} when it has none)."""
+    meta = pq.read_schema(path).metadata or {}
+    raw = meta.get(META_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def check_file_schema(path: str | Path, kind: str) -> pa.Schema:
+    """Raise :class:`SchemaError` unless the Parquet file at ``path`` follows contract ``kind``."""
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise SchemaError(f"{path}: not a readable Parquet file ({exc})") from exc
+    spec = {c.name: c for c in _spec(kind)}
+    names = set(schema.names)
+    missing = [n for n, c in spec.items() if c.required and n not in names]
+    unknown = sorted(names - set(spec))
+    wrong = []
+    for field in schema:
+        if field.name in spec:
+            want = spec[field.name].type
+            got = field.type.value_type if pa.types.is_dictionary(field.type) else field.type
+            if got != want and not (pa.types.is_large_string(got) and want == pa.string()):
+                wrong.append(f"{field.name}: {got} (expected {want})")
+    if missing or unknown or wrong:
+        raise SchemaError(
+            f"{path}: not a {kind!r} table: missing columns {missing}, unknown columns {unknown}, "
+            f"wrong types {wrong}"
+        )
+    return schema
+
+
+def read_table(path: str | Path, kind: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """Read one Parquet file of contract ``kind`` into pandas, rejecting a wrong schema.
+
+    Dictionary columns come back as pandas ``category``; numeric columns keep their stored
+    dtypes (float32 boxes and scores).
+    """
+    check_file_schema(path, kind)
+    table = pq.read_table(path, columns=list(columns) if columns else None)
+    return table.to_pandas()
+
+
+def read_tables(paths: Sequence[str | Path], kind: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """Concatenate several files of one contract (strings instead of per-file categories)."""
+    frames = [read_table(p, kind, columns) for p in paths]
+    if not frames:
+        return empty_frame(kind, columns)
+    for frame in frames:
+        for name in frame.columns:
+            if isinstance(frame[name].dtype, pd.CategoricalDtype):
+                frame[name] = frame[name].astype(str)
+    return pd.concat(frames, ignore_index=True)
+
+
+def read_dask(paths: Sequence[str | Path], kind: str, columns: Sequence[str] | None = None):
+    """A dask DataFrame with one partition per file (a shard never splits an image)."""
+    import dask.dataframe as dd
+
+    paths = [str(p) for p in paths]
+    if not paths:
+        raise SchemaError(f"no {kind!r} files to read")
+    meta = read_table(paths[0], kind, columns).iloc[:0]
+    return dd.from_map(functools.partial(read_table, kind=kind, columns=columns), paths, meta=meta)
+
+
+def shard_paths(folder: str | Path) -> list[Path]:
+    """The ``part-K.parquet`` files of a shard folder in shard order (K numeric)."""
+    folder = Path(folder)
+    parts = [p for p in folder.glob("part-*.parquet") if p.stem.split("-", 1)[1].isdigit()]
+    return sorted(parts, key=lambda p: int(p.stem.split("-", 1)[1]))
+
+
+def as_float32(values: Any) -> np.ndarray:
+    """``values`` as a contiguous float32 array (the stored dtype of boxes and scores)."""
+    return np.ascontiguousarray(np.asarray(values, dtype=np.float32))
+
+
+def shard_members(image_ids: Sequence[str], n_shards: int, shard: int) -> list[str]:
+    """The image ids of shard ``shard`` of ``n_shards``: contiguous runs of the sorted ids.
+
+    Every image belongs to exactly one shard and shard sizes differ by at most one, so a
+    shard's content depends only on the dataset and ``n_shards``.
+    """
+    if not 0 <= shard < n_shards:
+        raise ValueError(f"shard {shard} is not in 0..{n_shards - 1}")
+    ordered = sorted(image_ids)
+    bounds = np.linspace(0, len(ordered), n_shards + 1).round().astype(int)
+    return ordered[bounds[shard]:bounds[shard + 1]]

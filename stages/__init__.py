@@ -1,0 +1,1 @@
+"""One module per DAG stage: parse arguments, read inputs, call `pipeline`, write outputs."""

@@ -1,0 +1,118 @@
+"""Where every stage reads and writes under the data folder (the only place paths are built).
+
+```
+DATA/interim/index/{dataset}/images.parquet, gt.parquet
+DATA/interim/detections/dataset={d}/detector={det}/scales={set}/part-{k}.parquet
+DATA/interim/latency/dataset={d}/detector={det}/scales={set}/part-{k}.parquet
+DATA/interim/oracle/dataset={d}/detector={det}/scales={set}/part-{k}.parquet
+DATA/interim/reranked/ranker={r}/dataset={d}/detector={det}/scales={set}/part-{k}.parquet
+DATA/processed/rankers/{ranker}/model.pt, train_log.parquet, loss.png, checkpoint.pt
+DATA/processed/final/{dataset}/{detector}/{scales}/{method}.parquet
+DATA/processed/metrics/{dataset}/{detector}/{scales}/{method}.json, {method}.pr.parquet, {method}.png
+DATA/processed/report/report.html, report.md, figures/
+```
+``method`` is ``single``, ``multi``, ``oracle``, ``imported`` or ``rank-{ranker}``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+DATA_DIR_ENV = "CONFRANK_DATA_DIR"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Paths under one data folder."""
+
+    root: Path
+
+    @classmethod
+    def from_env(cls, data_dir: str | Path | None = None) -> "Layout":
+        return cls(Path(data_dir or os.environ.get(DATA_DIR_ENV, "data")))
+
+    # index
+    def index_dir(self, dataset: str) -> Path:
+        return self.root / "interim" / "index" / dataset
+
+    def images(self, dataset: str) -> Path:
+        return self.index_dir(dataset) / "images.parquet"
+
+    def gt(self, dataset: str) -> Path:
+        return self.index_dir(dataset) / "gt.parquet"
+
+    # shards
+    def _shard_dir(self, table: str, dataset: str, detector: str, scales: str) -> Path:
+        return self.root / "interim" / table / f"dataset={dataset}" / f"detector={detector}" / f"scales={scales}"
+
+    def detections_dir(self, dataset: str, detector: str, scales: str) -> Path:
+        return self._shard_dir("detections", dataset, detector, scales)
+
+    def detections(self, dataset: str, detector: str, scales: str, shard: int) -> Path:
+        return self.detections_dir(dataset, detector, scales) / f"part-{shard}.parquet"
+
+    def latency(self, dataset: str, detector: str, scales: str, shard: int) -> Path:
+        return self._shard_dir("latency", dataset, detector, scales) / f"part-{shard}.parquet"
+
+    def oracle_dir(self, dataset: str, detector: str, scales: str) -> Path:
+        return self._shard_dir("oracle", dataset, detector, scales)
+
+    def oracle(self, dataset: str, detector: str, scales: str, shard: int) -> Path:
+        return self.oracle_dir(dataset, detector, scales) / f"part-{shard}.parquet"
+
+    def reranked_dir(self, ranker: str, dataset: str, detector: str, scales: str) -> Path:
+        return self.root / "interim" / "reranked" / f"ranker={ranker}" / f"dataset={dataset}" / f"detector={detector}" / f"scales={scales}"
+
+    def reranked(self, ranker: str, dataset: str, detector: str, scales: str, shard: int) -> Path:
+        return self.reranked_dir(ranker, dataset, detector, scales) / f"part-{shard}.parquet"
+
+    # ranker
+    def ranker_dir(self, ranker: str) -> Path:
+        return self.root / "processed" / "rankers" / ranker
+
+    def ranker_model(self, ranker: str) -> Path:
+        return self.ranker_dir(ranker) / "model.pt"
+
+    # results
+    def final(self, dataset: str, detector: str, scales: str, method: str) -> Path:
+        return self.root / "processed" / "final" / dataset / detector / scales / f"{method}.parquet"
+
+    def metrics(self, dataset: str, detector: str, scales: str, method: str) -> Path:
+        return self.root / "processed" / "metrics" / dataset / detector / scales / f"{method}.json"
+
+    def pr_curves(self, dataset: str, detector: str, scales: str, method: str) -> Path:
+        return self.metrics(dataset, detector, scales, method).with_suffix(".pr.parquet")
+
+    def pr_plot(self, dataset: str, detector: str, scales: str, method: str) -> Path:
+        return self.metrics(dataset, detector, scales, method).with_suffix(".png")
+
+    def report_dir(self) -> Path:
+        return self.root / "processed" / "report"
+
+
+def data_dir_option(func):
+    """The ``--data-dir`` option every stage command takes (env ``CONFRANK_DATA_DIR``)."""
+    return click.option(
+        "--data-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        envvar=DATA_DIR_ENV,
+        default="data",
+        show_default=True,
+        help="Folder every stage reads from and writes to.",
+    )(func)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"k/n"`` -> (k, n) with 0 <= k < n; raises click.BadParameter otherwise."""
+    try:
+        k_text, n_text = text.split("/")
+        k, n = int(k_text), int(n_text)
+    except ValueError:
+        raise click.BadParameter(f"expected K/N (e.g. 0/4), got {text!r}") from None
+    if n < 1 or not 0 <= k < n:
+        raise click.BadParameter(f"expected 0 <= K < N, got {text!r}")
+    return k, n
