@@ -275,13 +275,15 @@ def write_table(
 
     ``sort_by`` is a pyarrow sort spec, e.g. ``[("image_id", "ascending"), ("score",
     "descending")]``; sorting is stable. ``metadata`` (JSON-able) is stored under the
-    ``confrank`` schema-metadata key. Returns the table as written.
+    ``confrank`` schema-metadata key, with ``table`` set to ``kind``. Returns the table as
+    written.
     """
     table = conform(data, kind, source=str(path))
     if sort_by:
         order = _sort_indices(table, sort_by)
         table = table.take(order)
-    meta = {META_KEY: json.dumps(dict(metadata or {}), sort_keys=True, default=str).encode()}
+    record = {"table": kind, **dict(metadata or {})}
+    meta = {META_KEY: json.dumps(record, sort_keys=True, default=str).encode()}
     table = table.replace_schema_metadata(meta)
     with atomic_output(path) as tmp:
         pq.write_table(table, tmp, compression="zstd", use_dictionary=True, write_statistics=True)
@@ -303,6 +305,20 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     meta = pq.read_schema(path).metadata or {}
     raw = meta.get(META_KEY)
     return json.loads(raw) if raw else {}
+
+
+def detect_kind(path: str | Path) -> str:
+    """The contract a Parquet file follows: from its metadata, else the first that fits."""
+    kind = read_metadata(path).get("table")
+    if kind in SCHEMAS:
+        return kind
+    for candidate in SCHEMAS:
+        try:
+            check_file_schema(path, candidate)
+        except SchemaError:
+            continue
+        return candidate
+    raise SchemaError(f"{path}: matches none of the confrank tables {sorted(SCHEMAS)}")
 
 
 def check_file_schema(path: str | Path, kind: str) -> pa.Schema:
