@@ -1,0 +1,379 @@
+"""confrank: the whole experiment as one DAG (see docs/dag.md).
+
+Only wiring lives here: every rule shells the `confrank` command of its stage, every path
+comes from stages.layout.Layout, and what to compute comes from pipeline.config.expand.
+
+Targets: all (default: the report and every configured table), detect, train, evaluate, report.
+"""
+
+import json
+import re
+import shlex
+import sys
+from pathlib import Path
+
+from snakemake.utils import validate
+
+from pipeline.config import SCALE_SETS, detection_sets, expand as expand_results, ranker_args, used_rankers, validate_config
+from pipeline.detectors.registry import DETECTORS
+from pipeline.shards import config_hash
+from stages.layout import Layout
+from stages.run import SCHEMA, code_hash, load_schema
+
+
+configfile: str(Path(workflow.basedir) / "config" / "config.yaml")
+
+
+# readable messages first (names, references), then snakemake's own schema check
+validate_config(config, load_schema(), source="config")
+validate(config, str(SCHEMA))
+
+L = Layout(Path(config["data_dir"]))
+DATASETS = config["datasets"]
+RANKERS = config["rankers"]
+POST = config["postprocess"]
+RESULTS = expand_results(config)
+CONFIG_HASH = config_hash(config)
+
+_exe = Path(sys.executable).with_name("confrank")
+CONFRANK = shlex.quote(str(_exe)) if _exe.is_file() else f"{shlex.quote(sys.executable)} -m pipeline.cli"
+
+# every shell command: the rule name and config hash go into the outputs' provenance
+ENV = (
+    "export CONFRANK_RULE={rule} CONFRANK_CONFIG_HASH=" + CONFIG_HASH
+    + " CONFRANK_DATA_DIR=" + shlex.quote(str(L.root))
+    + ("" if config["weights_dir"] is None else " CONFRANK_WEIGHTS=" + shlex.quote(config["weights_dir"]))
+    + "; "
+)
+DEVICE = "" if config["device"] == "auto" else f"--device {config['device']}"
+DASK = "" if config["dask_scheduler"] is None else f"--dask-scheduler {shlex.quote(config['dask_scheduler'])}"
+
+
+def _alt(names):
+    return "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+
+
+wildcard_constraints:
+    dataset=_alt(DATASETS),
+    detector=_alt(DETECTORS),
+    scales=_alt(SCALE_SETS),
+    ranker=_alt(RANKERS) if RANKERS else "(?!)",
+    shard=r"\d+",
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def T(method, *args):
+    """A Layout path with snakemake wildcards, e.g. T("final", "{dataset}", ...)."""
+    return str(getattr(L, method)(*args))
+
+
+def detection_shards(ds, det, sset):
+    return [T("detections", ds, det, sset, k) for k in range(DATASETS[ds]["shards"])]
+
+
+def latency_shards(ds, det, sset):
+    return [T("latency", ds, det, sset, k) for k in range(DATASETS[ds]["shards"])]
+
+
+def metrics_files(results):
+    return [T("metrics", *r) for r in results]
+
+
+def flag(name, value):
+    """A command-line option string, empty when ``value`` is None."""
+    return "" if value is None else f"--{name} {shlex.quote(str(value))}"
+
+
+# ------------------------------------------------------------------------------ targets
+
+
+rule all:
+    input:
+        metrics_files(RESULTS),
+        T("report_dir") + "/report.html",
+
+
+rule detect:
+    input:
+        [p for s in detection_sets(config) for p in detection_shards(*s)],
+
+
+rule train:
+    input:
+        [T("ranker_model", r) for r in used_rankers(config)],
+
+
+rule evaluate:
+    input:
+        metrics_files(RESULTS),
+
+
+# ------------------------------------------------------------------------------ stages
+
+
+rule sample:
+    output:
+        directory(str(L.root / "raw" / "{dataset}")),
+    params:
+        code=code_hash("stages.sample"),
+    log:
+        "logs/sample/{dataset}.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    shell:
+        ENV + "{CONFRANK} sample --out {output} > {log} 2>&1"
+
+
+def index_input(wc):
+    ds = DATASETS[wc.dataset]
+    return [str(L.root / "raw" / wc.dataset)] if ds["source"] == "sample" else []
+
+
+def index_args(wc):
+    ds = DATASETS[wc.dataset]
+    root = L.root / "raw" / wc.dataset if ds["source"] == "sample" else ds["root"]
+    return " ".join(filter(None, [
+        flag("root", root), flag("format", ds["format"]), flag("split", ds["split"]),
+        flag("max-images", ds["max_images"]),
+    ]))
+
+
+rule index:
+    input:
+        index_input,
+    output:
+        images=T("images", "{dataset}"),
+        gt=T("gt", "{dataset}"),
+    params:
+        args=index_args,
+        code=code_hash("stages.index"),
+    log:
+        "logs/index/{dataset}.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    shell:
+        ENV + "{CONFRANK} index --name {wildcards.dataset} {params.args} > {log} 2>&1"
+
+
+rule detect_shard:
+    input:
+        images=T("images", "{dataset}"),
+    output:
+        detections=T("detections", "{dataset}", "{detector}", "{scales}", "{shard}"),
+        latency=T("latency", "{dataset}", "{detector}", "{scales}", "{shard}"),
+    params:
+        shards=lambda wc: DATASETS[wc.dataset]["shards"],
+        weights=config["weights_dir"],
+        code=code_hash("stages.detect"),
+    log:
+        "logs/detect/{dataset}/{detector}/{scales}/part-{shard}.log",
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=16000,
+        runtime=120,
+    shell:
+        ENV + "{CONFRANK} detect --dataset {wildcards.dataset} --detector {wildcards.detector}"
+        " --scales {wildcards.scales} --shard {wildcards.shard}/{params.shards} {DEVICE} > {log} 2>&1"
+
+
+rule oracle:
+    input:
+        detections=lambda wc: detection_shards(wc.dataset, wc.detector, wc.scales),
+        gt=T("gt", "{dataset}"),
+    output:
+        directory(T("oracle_dir", "{dataset}", "{detector}", "{scales}")),
+    params:
+        dask=DASK,
+        code=code_hash("stages.oracle"),
+    log:
+        "logs/oracle/{dataset}/{detector}/{scales}.log",
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        ENV + "{CONFRANK} oracle --dataset {wildcards.dataset} --detector {wildcards.detector}"
+        " --scales {wildcards.scales} {params.dask} > {log} 2>&1"
+
+
+def train_input(wc):
+    r = RANKERS[wc.ranker]
+    return [T("oracle_dir", ds, det, r["scales"]) for ds in r["datasets"] for det in r["detectors"]]
+
+
+def train_args(wc):
+    r = RANKERS[wc.ranker]
+    a = ranker_args(r)
+    return " ".join(filter(None, [
+        flag("datasets", ",".join(r["datasets"])), flag("detectors", ",".join(r["detectors"])),
+        flag("scales", r["scales"]), flag("iterations", a["iterations"]), flag("backbone", a["backbone"]),
+        flag("image-branch", a["image_branch"]), flag("loss", a["loss"]), flag("n-pairs", a["n_pairs"]),
+        flag("split-half", a["split_half"]),
+    ]))
+
+
+rule train_ranker:
+    input:
+        train_input,
+    output:
+        model=T("ranker_model", "{ranker}"),
+        log=T("ranker_dir", "{ranker}") + "/train_log.parquet",
+    params:
+        args=train_args,
+        code=code_hash("stages.train"),
+    log:
+        "logs/train/{ranker}.log",
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=16000,
+        runtime=1440,
+    shell:
+        ENV + "{CONFRANK} train --ranker {wildcards.ranker} {params.args} {DEVICE} > {log} 2>&1"
+
+
+rule rerank:
+    input:
+        model=T("ranker_model", "{ranker}"),
+        oracle=T("oracle_dir", "{dataset}", "{detector}", "{scales}"),
+        detections=lambda wc: detection_shards(wc.dataset, wc.detector, wc.scales),
+    output:
+        directory(T("reranked_dir", "{ranker}", "{dataset}", "{detector}", "{scales}")),
+    params:
+        code=code_hash("stages.rerank"),
+    log:
+        "logs/rerank/{ranker}/{dataset}/{detector}/{scales}.log",
+    benchmark:
+        str(L.root / "processed" / "benchmarks" / "rerank" / "{ranker}" / "{dataset}" / "{detector}" / "{scales}.tsv")
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=8000,
+        runtime=60,
+    shell:
+        ENV + "{CONFRANK} rerank --dataset {wildcards.dataset} --detector {wildcards.detector}"
+        " --scales {wildcards.scales} --ranker {wildcards.ranker} {DEVICE} > {log} 2>&1"
+
+
+NMS_ARGS = " ".join([
+    flag("iou", POST["nms_iou"]), flag("vote-iou", POST["vote_iou"]), flag("keep-top", POST["keep_top"]),
+    "--keep-singletons" if POST["keep_singletons"] else "--drop-singletons",
+])
+
+
+def nms_input(wc):
+    if wc.method == "oracle":
+        return [T("oracle_dir", wc.dataset, wc.detector, wc.scales)]
+    return detection_shards(wc.dataset, wc.detector, wc.scales)
+
+
+rule nms:
+    input:
+        nms_input,
+    output:
+        T("final", "{dataset}", "{detector}", "{scales}", "{method}"),
+    wildcard_constraints:
+        method="single|multi|oracle",
+    params:
+        args=NMS_ARGS,
+        dask=DASK,
+        code=code_hash("stages.nms"),
+    log:
+        "logs/nms/{dataset}/{detector}/{scales}/{method}.log",
+    benchmark:
+        str(L.root / "processed" / "benchmarks" / "nms" / "{dataset}" / "{detector}" / "{scales}" / "{method}.tsv")
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        ENV + "{CONFRANK} nms --dataset {wildcards.dataset} --detector {wildcards.detector}"
+        " --scales {wildcards.scales} --method {wildcards.method} {params.args} {params.dask} > {log} 2>&1"
+
+
+rule nms_rank:
+    input:
+        T("reranked_dir", "{ranker}", "{dataset}", "{detector}", "{scales}"),
+    output:
+        T("final", "{dataset}", "{detector}", "{scales}", "rank-{ranker}"),
+    params:
+        args=NMS_ARGS,
+        dask=DASK,
+        code=code_hash("stages.nms"),
+    log:
+        "logs/nms/{dataset}/{detector}/{scales}/rank-{ranker}.log",
+    benchmark:
+        str(L.root / "processed" / "benchmarks" / "nms" / "{dataset}" / "{detector}" / "{scales}" / "rank-{ranker}.tsv")
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        ENV + "{CONFRANK} nms --dataset {wildcards.dataset} --detector {wildcards.detector}"
+        " --scales {wildcards.scales} --method rank --ranker {wildcards.ranker} {params.args} {params.dask} > {log} 2>&1"
+
+
+def evaluate_method_args(wc):
+    if wc.method.startswith("rank-"):
+        return f"--method rank --ranker {wc.method[len('rank-'):]}"
+    return f"--method {wc.method}"
+
+
+rule evaluate_method:
+    input:
+        final=T("final", "{dataset}", "{detector}", "{scales}", "{method}"),
+        gt=T("gt", "{dataset}"),
+        images=T("images", "{dataset}"),
+    output:
+        metrics=T("metrics", "{dataset}", "{detector}", "{scales}", "{method}"),
+        pr=T("pr_curves", "{dataset}", "{detector}", "{scales}", "{method}"),
+        plot=report(
+            T("pr_plot", "{dataset}", "{detector}", "{scales}", "{method}"),
+            category="PR curves",
+            subcategory="{dataset}",
+            labels={"detector": "{detector}", "scales": "{scales}", "method": "{method}"},
+        ),
+    wildcard_constraints:
+        method=r"single|multi|oracle|rank-[^/]+",
+    params:
+        method=evaluate_method_args,
+        dask=DASK,
+        code=code_hash("stages.evaluate"),
+    log:
+        "logs/evaluate/{dataset}/{detector}/{scales}/{method}.log",
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        ENV + "{CONFRANK} evaluate --dataset {wildcards.dataset} --detector {wildcards.detector}"
+        " --scales {wildcards.scales} {params.method} --format json {params.dask} > {log} 2>&1"
+
+
+rule report:
+    input:
+        metrics=metrics_files(RESULTS),
+        rankers=[T("ranker_dir", r) + "/train_log.parquet" for r in used_rankers(config)],
+    output:
+        html=report(T("report_dir") + "/report.html", category="Report"),
+        md=T("report_dir") + "/report.md",
+    params:
+        out=shlex.quote(T("report_dir")),
+        settings=shlex.quote(json.dumps({k: config[k] for k in ("postprocess", "report")}, sort_keys=True)),
+        config_hash=CONFIG_HASH,
+        code=code_hash("stages.report"),
+    log:
+        "logs/report.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=20,
+    shell:
+        ENV + "{CONFRANK} report --out {params.out} --settings {params.settings} > {log} 2>&1"

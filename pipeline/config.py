@@ -1,0 +1,185 @@
+"""Experiment configuration: validation with readable messages, and what the DAG must compute.
+
+A config is a plain mapping (as loaded from ``config/config.yaml``; its JSON schema is
+``config/config.schema.yaml``). :func:`validate_config` checks it against that schema and
+against what the code knows (detector names, scale sets, methods, references between
+sections), filling schema defaults in place. :func:`expand` lists the results an
+experiment section asks for as :class:`Result` tuples; the Snakefile turns them into paths.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple
+
+import jsonschema
+
+from pipeline.errors import ConfrankError
+
+#: scale sets a detector can run at, and whether each is multi-scale (fused by box voting)
+SCALE_SETS: dict[str, bool] = {"original": False, "8k": False, "wider-multi": True, "8k-multi": True}
+
+#: the NMS method that turns a scale set's raw boxes into final boxes
+BASE_METHOD = {False: "single", True: "multi"}
+
+
+class ConfigError(ConfrankError):
+    """The configuration is invalid; the message names the offending key and what was expected."""
+
+
+class Result(NamedTuple):
+    """One evaluated result: final boxes and metrics of one method."""
+
+    dataset: str
+    detector: str
+    scales: str
+    method: str  # single, multi, oracle or rank-{ranker}
+
+    @property
+    def ranker(self) -> str | None:
+        return self.method[len("rank-"):] if self.method.startswith("rank-") else None
+
+
+def _where(path: Any) -> str:
+    parts = []
+    for item in path:
+        parts.append(f"[{item}]" if isinstance(item, int) else (f".{item}" if parts else str(item)))
+    return "".join(parts) or "<top level>"
+
+
+def _schema_errors(config: Mapping[str, Any], schema: Mapping[str, Any]) -> list[str]:
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
+    return [f"{_where(e.absolute_path)}: {e.message}" for e in errors]
+
+
+def _fill_defaults(config: dict[str, Any], schema: Mapping[str, Any]) -> None:
+    """Insert schema ``default`` values for missing keys, recursively (objects and arrays)."""
+    if not isinstance(config, dict):
+        return
+    for key, sub in schema.get("properties", {}).items():
+        if key not in config and "default" in sub:
+            config[key] = copy.deepcopy(sub["default"])
+        _fill_child(config.get(key), sub)
+    extra = schema.get("additionalProperties")
+    if isinstance(extra, dict):
+        for key, value in config.items():
+            if key not in schema.get("properties", {}):
+                _fill_child(value, extra)
+
+
+def _fill_child(value: Any, schema: Mapping[str, Any]) -> None:
+    if isinstance(value, dict):
+        _fill_defaults(value, schema)
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for item in value:
+            _fill_child(item, schema["items"])
+
+
+def validate_config(config: dict[str, Any], schema: Mapping[str, Any], source: str = "config") -> dict[str, Any]:
+    """Check ``config`` against ``schema`` and the code's names; fill defaults in place.
+
+    Raises :class:`ConfigError` listing every problem as ``<source>: <key path>: <message>``.
+    """
+    problems = _schema_errors(config, schema)
+    if not problems:
+        _fill_defaults(config, schema)
+        problems = _semantic_errors(config)
+    if problems:
+        raise ConfigError(f"{source} is invalid:\n  " + "\n  ".join(f"{source}: {p}" for p in problems))
+    return config
+
+
+def _known(kind: str, name: str, known: Any) -> str:
+    return f"unknown {kind} {name!r}; known: {', '.join(sorted(known))}"
+
+
+def _semantic_errors(config: Mapping[str, Any]) -> list[str]:
+    from pipeline.detectors.registry import DETECTORS
+
+    problems = []
+    datasets, rankers = config["datasets"], config.get("rankers", {})
+    for name, ds in datasets.items():
+        if ds["source"] == "folder" and "root" not in ds:
+            problems.append(f"datasets.{name}: source 'folder' needs a 'root'")
+
+    def check_names(where: str, detectors: list[str], scales: list[str], dsets: list[str]) -> None:
+        for i, det in enumerate(detectors):
+            if det not in DETECTORS:
+                problems.append(f"{where}.detectors[{i}]: {_known('detector', det, DETECTORS)}")
+        for i, sset in enumerate(scales):
+            if sset not in SCALE_SETS:
+                problems.append(f"{where}.scales[{i}]: {_known('scale set', sset, SCALE_SETS)}")
+        for i, ds in enumerate(dsets):
+            if ds not in datasets:
+                problems.append(f"{where}.datasets[{i}]: {_known('dataset', ds, datasets)}")
+
+    for name, ranker in rankers.items():
+        check_names(f"rankers.{name}", ranker["detectors"], [ranker["scales"]], ranker["datasets"])
+    for i, exp in enumerate(config["experiments"]):
+        where = f"experiments[{i}]"
+        check_names(where, exp["detectors"], exp["scales"], [])
+        if exp["dataset"] not in datasets:
+            problems.append(f"{where}.dataset: {_known('dataset', exp['dataset'], datasets)}")
+        for j, rname in enumerate(exp.get("rankers") or []):
+            if rname not in rankers:
+                problems.append(f"{where}.rankers[{j}]: {_known('ranker', rname, rankers)}")
+        if "rank" in exp["methods"] and not _experiment_rankers(exp, rankers):
+            problems.append(f"{where}.methods: 'rank' needs at least one ranker in 'rankers'")
+    return problems
+
+
+def _experiment_rankers(exp: Mapping[str, Any], rankers: Mapping[str, Any]) -> list[str]:
+    chosen = exp.get("rankers")
+    return list(rankers) if chosen is None else list(chosen)
+
+
+def expand(config: Mapping[str, Any]) -> list[Result]:
+    """Every result the experiments ask for, without duplicates, in config order.
+
+    ``single`` applies only to single-scale sets and ``multi`` only to multi-scale sets;
+    ``rank`` becomes one ``rank-{ranker}`` result per ranker of the experiment.
+    """
+    seen: dict[Result, None] = {}
+    for exp in config["experiments"]:
+        for det in exp["detectors"]:
+            for sset in exp["scales"]:
+                for method in _methods(exp, sset, config.get("rankers", {})):
+                    seen.setdefault(Result(exp["dataset"], det, sset, method))
+    return list(seen)
+
+
+def _methods(exp: Mapping[str, Any], scales: str, rankers: Mapping[str, Any]) -> Iterator[str]:
+    for method in exp["methods"]:
+        if method in ("single", "multi"):
+            if BASE_METHOD[SCALE_SETS[scales]] == method:
+                yield method
+        elif method == "rank":
+            yield from (f"rank-{r}" for r in _experiment_rankers(exp, rankers))
+        else:
+            yield method
+
+
+def detection_sets(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """(dataset, detector, scales) of every detection run the results and rankers need."""
+    seen: dict[tuple[str, str, str], None] = {}
+    for res in expand(config):
+        seen.setdefault((res.dataset, res.detector, res.scales))
+    for ranker in config.get("rankers", {}).values():
+        for ds in ranker["datasets"]:
+            for det in ranker["detectors"]:
+                seen.setdefault((ds, det, ranker["scales"]))
+    return list(seen)
+
+
+def used_rankers(config: Mapping[str, Any]) -> list[str]:
+    """Rankers some result needs, in config order."""
+    needed = {res.ranker for res in expand(config)}
+    return [name for name in config.get("rankers", {}) if name in needed]
+
+
+def ranker_args(ranker: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings of a ranker that change its model (the train rule's params)."""
+    keys = ("iterations", "backbone", "image_branch", "loss", "n_pairs", "split_half")
+    return {k: ranker.get(k) for k in keys}
