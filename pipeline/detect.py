@@ -1,0 +1,209 @@
+"""The detection loop: scale sets, resize on the device, flips, batching, undoing both, top-k.
+
+Input: an iterable of :class:`Decoded` images (HxWx3 uint8 BGR, decoded elsewhere — the
+stage does it in DataLoader workers). Output: the ``detections`` and ``latency`` tables of
+:mod:`pipeline.shards` as pandas DataFrames. Boxes and landmarks are x1, y1, x2, y2 / x0, y0,
+..., x4, y4 in **original-image pixels** (float32, not clipped to the image), flips undone
+with the landmarks' left/right order swapped back; ``scale`` is the target size in px (0 for
+the image's own size).
+
+Images of one scale are batched when their network input sizes are equal (no padding, so a
+batch gives the same boxes as one image at a time). A CUDA out-of-memory error on a batch is
+retried one image at a time, then that image runs on a CPU copy of the detector, with a
+warning; it never stops the shard.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.detectors.base import Detector, RawDetections
+from pipeline.errors import ConfrankError
+from pipeline.imaging import resize_tensor
+from pipeline.scales import Scale
+from pipeline.shards import BOX_COLUMNS, LANDMARK_COLUMNS, empty_frame
+
+log = logging.getLogger(__name__)
+
+#: landmark order after a horizontal flip: left/right eye and left/right mouth corner swap
+FLIP_LANDMARK_ORDER = (1, 0, 2, 4, 3)
+
+
+@dataclass
+class Decoded:
+    """One decoded image: id, (3, H, W) uint8 BGR tensor on the CPU (pinned or not)."""
+
+    image_id: str
+    pixels: torch.Tensor
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) in pixels."""
+        return int(self.pixels.shape[2]), int(self.pixels.shape[1])
+
+
+@dataclass
+class _Result:
+    image_id: str
+    scale: Scale
+    input_size: tuple[int, int]
+    raw: RawDetections
+    latency_ms: float
+
+
+@dataclass
+class DetectLoop:
+    """Runs ``detector`` over images at ``scales``.
+
+    ``cpu_fallback`` builds a CPU copy of the detector for images that do not fit in GPU
+    memory even alone (built at most once, on first need); without it such an image raises
+    :class:`ConfrankError`. ``top_k`` caps the boxes kept per image and scale.
+    """
+
+    detector: Detector
+    scales: Sequence[Scale]
+    batch_size: int = 8
+    top_k: int = 5000
+    cpu_fallback: Callable[[], Detector] | None = None
+    fallbacks: list[str] = field(default_factory=list)  # "image_id@scale" that ran on the CPU
+    _cpu_detector: Detector | None = None
+
+    def run(self, images: Iterable[Decoded]) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """All images -> (detections, latency) DataFrames (unsorted; the writer sorts)."""
+        detections, latency = [], []
+        for chunk in _chunks(images, self.batch_size):
+            for result in self.run_chunk(chunk):
+                det, lat = to_frames(result, self.detector.name, self.top_k)
+                detections.append(det)
+                latency.append(lat)
+        if not detections:
+            return empty_frame("detections"), empty_frame("latency")
+        return pd.concat(detections, ignore_index=True), pd.concat(latency, ignore_index=True)
+
+    def run_chunk(self, chunk: Sequence[Decoded]) -> list[_Result]:
+        """Every scale of a few images; each scale's images batched by equal input size."""
+        results = []
+        for scale in self.scales:
+            groups: dict[tuple[int, int], list[Decoded]] = {}
+            for item in chunk:
+                groups.setdefault(scale.input_size(*item.size), []).append(item)
+            for size, group in groups.items():
+                results += self._run_group(group, scale, size)
+        return results
+
+    def _run_group(self, group: list[Decoded], scale: Scale, size: tuple[int, int]) -> list[_Result]:
+        try:
+            return run_batch(self.detector, group, scale, size)
+        except torch.OutOfMemoryError:
+            _free_cuda()
+            if len(group) > 1:
+                log.warning("out of GPU memory on a batch of %d at %s; retrying one image at a time",
+                            len(group), _label(scale, size))
+                return [r for item in group for r in self._run_group([item], scale, size)]
+        where = f"{group[0].image_id}@{scale.target}{'/flip' if scale.flip else ''}"
+        if self.cpu_fallback is None:
+            raise ConfrankError(f"{where}: out of GPU memory at input {size[0]}x{size[1]} and no CPU fallback")
+        log.warning("%s: out of GPU memory at input %dx%d; running it on the CPU", where, *size)
+        if self._cpu_detector is None:
+            self._cpu_detector = self.cpu_fallback()
+        self.fallbacks.append(where)
+        return run_batch(self._cpu_detector, group, scale, size)
+
+
+def run_batch(detector: Detector, group: Sequence[Decoded], scale: Scale, size: tuple[int, int]) -> list[_Result]:
+    """Upload, resize (and flip) ``group`` to ``size`` on the detector's device, detect, and
+    map boxes back to each image's original pixels. Latency is the batch's wall time
+    (upload + resize + network + decode + mapping) split evenly over its images."""
+    device = detector.device
+    start = time.perf_counter()
+    inputs = [resize_tensor(item.pixels.to(device, non_blocking=True)[None], size) for item in group]
+    batch = torch.cat(inputs)
+    if scale.flip:
+        batch = batch.flip(-1)
+    del inputs
+    if detector.batched or len(group) == 1:
+        raws = detector.detect(batch)
+    else:
+        raws = [r for i in range(len(group)) for r in detector.detect(batch[i:i + 1])]
+    del batch
+    mapped = [to_original(raw, size, item.size, scale.flip) for raw, item in zip(raws, group)]
+    mapped = [RawDetections(r.boxes.cpu(), r.scores.cpu(), None if r.landmarks is None else r.landmarks.cpu())
+              for r in mapped]
+    elapsed_ms = (time.perf_counter() - start) * 1000.0 / len(group)
+    return [_Result(item.image_id, scale, size, raw, elapsed_ms) for item, raw in zip(group, mapped)]
+
+
+def to_original(raw: RawDetections, input_size: tuple[int, int], image_size: tuple[int, int],
+                flipped: bool) -> RawDetections:
+    """Boxes/landmarks in network-input pixels of a (maybe flipped) resized image -> original
+    image pixels. A flip maps x to ``input_width - x`` (x1 and x2 swap roles) and swaps the
+    landmarks' left/right points back."""
+    in_w, in_h = input_size
+    boxes, points = raw.boxes, raw.landmarks
+    if flipped:
+        boxes = torch.stack([in_w - boxes[:, 2], boxes[:, 1], in_w - boxes[:, 0], boxes[:, 3]], dim=1)
+        if points is not None:
+            xy = points.reshape(-1, 5, 2)[:, list(FLIP_LANDMARK_ORDER)]
+            xy = torch.stack([in_w - xy[..., 0], xy[..., 1]], dim=-1)
+            points = xy.reshape(-1, 10)
+    fx, fy = in_w / image_size[0], in_h / image_size[1]
+    factor = torch.tensor([fx, fy], dtype=boxes.dtype, device=boxes.device)
+    boxes = boxes / factor.repeat(2)
+    if points is not None:
+        points = points / factor.repeat(5)
+    return RawDetections(boxes, raw.scores, points)
+
+
+def to_frames(result: _Result, detector: str, top_k: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One image and scale -> (detections rows, one latency row)."""
+    raw = result.raw
+    n = min(len(raw.scores), top_k)
+    columns: dict[str, object] = {
+        "image_id": [result.image_id] * n,
+        "detector": [detector] * n,
+        "scale": np.full(n, result.scale.target, np.int32),
+        "flip": np.full(n, result.scale.flip),
+    }
+    boxes = raw.boxes[:n].numpy().astype(np.float32)
+    for i, name in enumerate(BOX_COLUMNS):
+        columns[name] = boxes[:, i]
+    columns["score"] = raw.scores[:n].numpy().astype(np.float32)
+    if raw.landmarks is not None:
+        points = raw.landmarks[:n].numpy().astype(np.float32)
+        for i, name in enumerate(LANDMARK_COLUMNS):
+            columns[name] = points[:, i]
+    latency = pd.DataFrame({
+        "image_id": [result.image_id], "detector": [detector],
+        "scale": np.array([result.scale.target], np.int32), "flip": [result.scale.flip],
+        "latency_ms": np.array([result.latency_ms], np.float32),
+        "input_width": np.array([result.input_size[0]], np.int32),
+        "input_height": np.array([result.input_size[1]], np.int32),
+    })
+    return pd.DataFrame(columns), latency
+
+
+def _chunks(items: Iterable[Decoded], size: int) -> Iterator[list[Decoded]]:
+    chunk: list[Decoded] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _free_cuda() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _label(scale: Scale, size: tuple[int, int]) -> str:
+    return f"scale {scale.target}{' flip' if scale.flip else ''} ({size[0]}x{size[1]})"
