@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.errors import FormatError, MissingInputError
@@ -30,3 +34,64 @@ def image_size(path: str | Path) -> tuple[int, int]:
     if width <= 0 or height <= 0:
         raise FormatError(path, "an image with positive width and height", got=f"{width}x{height}")
     return int(width), int(height)
+
+
+_JPEG_SOI, _JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
+
+
+def decode_image(path: str | Path) -> np.ndarray:
+    """Decode an image file to an HxWx3 uint8 **BGR** array.
+
+    Pixels are in stored order (EXIF orientation is ignored, so boxes match the header
+    sizes of :func:`image_size`). Grey images become 3 identical channels; CMYK and other modes OpenCV cannot read are
+    decoded with Pillow. The format comes from the content (a PNG named .jpg works).
+    Raises MissingInputError for a missing file and FormatError naming the file for an
+    empty, truncated or undecodable one.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingInputError(f"{path}: image not found")
+    data = path.read_bytes()
+    if not data:
+        raise FormatError(path, "an image", got="an empty (0-byte) file")
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    truncated_jpeg = data.startswith(_JPEG_SOI) and not data.rstrip(b"\x00\r\n ").endswith(_JPEG_EOI)
+    if image is not None and not truncated_jpeg:
+        return image
+    # OpenCV failed or may have filled a truncated scan: Pillow decodes strictly
+    try:
+        with Image.open(path) as img:
+            img.load()
+            rgb = np.asarray(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise FormatError(path, "a complete, readable image (JPEG/PNG/...)", got=str(exc)) from exc
+    return image if image is not None else np.ascontiguousarray(rgb[..., ::-1])
+
+
+def resize_cv2(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize (cv2.INTER_LINEAR) of an HxWxC image to ``size`` = (width, height),
+    as float32; the CPU path of the reference test code. Returns a float32 copy when the
+    size is unchanged."""
+    image = image.astype(np.float32)
+    if (image.shape[1], image.shape[0]) == tuple(size):
+        return image
+    return cv2.resize(image, tuple(size), interpolation=cv2.INTER_LINEAR)
+
+
+def resize_tensor(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of (B, C, H, W) images to ``size`` = (width, height), as float32, on
+    the images' device (upload the small image, resize there).
+
+    Half-pixel centres, no antialiasing: the same mapping as cv2.INTER_LINEAR (agrees with
+    it within one grey level on uint8 images). Returns a float32 tensor even when the size
+    is unchanged.
+    """
+    images = images.float()
+    if (images.shape[-1], images.shape[-2]) == tuple(size):
+        return images
+    return F.interpolate(images, size=(size[1], size[0]), mode="bilinear", align_corners=False, antialias=False)
+
+
+def to_chw_tensor(image: np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8 array -> (3, H, W) uint8 tensor (a copy, contiguous)."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
