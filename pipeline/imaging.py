@@ -7,14 +7,16 @@ otherwise; sizes are (width, height) in pixels.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.errors import FormatError, MissingInputError
+
+if TYPE_CHECKING:  # torch is imported where it is used, so header reads stay light
+    import torch
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
@@ -86,6 +88,8 @@ def resize_tensor(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     it within one grey level on uint8 images). Returns a float32 tensor even when the size
     is unchanged.
     """
+    import torch.nn.functional as F
+
     images = images.float()
     if (images.shape[-1], images.shape[-2]) == tuple(size):
         return images
@@ -94,4 +98,6 @@ def resize_tensor(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def to_chw_tensor(image: np.ndarray) -> torch.Tensor:
     """HxWx3 uint8 array -> (3, H, W) uint8 tensor (a copy, contiguous)."""
+    import torch
+
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
