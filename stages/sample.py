@@ -7,6 +7,7 @@ and ``DIR/ground_truth/wider_{face,easy,medium,hard}_val.mat`` (the official lay
 
 from __future__ import annotations
 
+import io
 import shutil
 from pathlib import Path
 
@@ -28,6 +29,15 @@ def _cell(items: list) -> np.ndarray:
     return out
 
 
+def _savemat(path: Path, variables: dict) -> None:
+    """savemat with a fixed 116-byte text header (scipy's carries the creation time)."""
+    buffer = io.BytesIO()
+    savemat(buffer, variables, format="5")
+    data = b"MATLAB 5.0 MAT-file, written by confrank sample".ljust(116) + buffer.getvalue()[116:]
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
+
+
 def _write_mats(folder: Path, names: list[str], scenes: list[Scene]) -> None:
     boxes = [np.column_stack([s.boxes[:, :2], s.boxes[:, 2:] - s.boxes[:, :2]]).round(1) for s in scenes]
     zeros = [np.zeros((len(b), 1), dtype=np.uint8) for b in boxes]
@@ -38,12 +48,10 @@ def _write_mats(folder: Path, names: list[str], scenes: list[Scene]) -> None:
         **{f"{a}_label_list": _cell([_cell(zeros)]) for a in
            ("blur", "expression", "illumination", "invalid", "occlusion", "pose")},
     }
-    with atomic_output(folder / "wider_face_val.mat") as tmp:
-        savemat(tmp, face, format="5")
+    _savemat(folder / "wider_face_val.mat", face)
     for subset in ("easy", "medium", "hard"):
         keep = [np.flatnonzero(subset_masks(s.boxes)[subset]).reshape(-1, 1) + 1 for s in scenes]
-        with atomic_output(folder / f"wider_{subset}_val.mat") as tmp:
-            savemat(tmp, {**face, "gt_list": _cell([_cell([k.astype(np.uint16) for k in keep])])}, format="5")
+        _savemat(folder / f"wider_{subset}_val.mat", {**face, "gt_list": _cell([_cell([k.astype(np.uint16) for k in keep])])})
 
 
 def _split_txt(names: list[str], scenes: list[Scene]) -> str:
