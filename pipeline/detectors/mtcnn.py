@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import batched_nms, roi_align
+from torchvision.ops import nms, roi_align
 
 from pipeline.detectors.base import Detector, RawDetections
 
@@ -164,6 +164,21 @@ def _cells(reg: torch.Tensor, prob: torch.Tensor, scale: float, threshold: float
     return b, boxes, prob[b, y, x], reg[b, :, y, x]
 
 
+def _nms_per_image(boxes: torch.Tensor, scores: torch.Tensor, image_idx: torch.Tensor, iou: float) -> torch.Tensor:
+    """Indices kept by NMS run separately per image, sorted by score descending.
+
+    Unlike ``batched_nms``'s coordinate-offset trick, this leaves each image's box coordinates
+    untouched: P-Net windows on one grid overlap at IoU exactly 0.5, so offsetting them would
+    let float rounding decide ties and make a batch differ from single images.
+    """
+    keep = [torch.nonzero(image_idx == i).flatten() for i in torch.unique(image_idx)]
+    keep = [k[nms(boxes[k], scores[k], iou)] for k in keep]
+    if not keep:
+        return image_idx.new_zeros(0)
+    keep = torch.cat(keep)
+    return keep[torch.sort(scores[keep], descending=True, stable=True).indices]
+
+
 def _crops(rgb: torch.Tensor, image_idx: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
     """(N, 3, size, size) normalised crops of ``boxes`` from ``rgb`` (B, 3, H, W), 0 outside."""
     rois = torch.cat([image_idx[:, None].to(boxes.dtype), boxes], dim=1)
@@ -212,12 +227,12 @@ class MTCNN(Detector):
             level = F.interpolate(rgb, size=(int(h * scale + 1), int(w * scale + 1)), mode="area")
             reg, prob = self.pnet(_normalise(level))
             b, boxes, scores, offsets = _cells(reg, prob, scale, self.thresholds[0])
-            keep = batched_nms(boxes, scores, b, NMS_LEVEL)
+            keep = _nms_per_image(boxes, scores, b, NMS_LEVEL)
             found.append((b[keep], boxes[keep], scores[keep], offsets[keep]))
         if not found:
             return rgb.new_zeros(0, dtype=torch.long), rgb.new_zeros(0, 4)
         b, boxes, scores, offsets = (torch.cat(t) for t in zip(*found))
-        keep = batched_nms(boxes, scores, b, NMS_PNET)
+        keep = _nms_per_image(boxes, scores, b, NMS_PNET)
         return b[keep], square(regress(boxes[keep], offsets[keep]))
 
     def _run(self, net: nn.Module, crops: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -231,7 +246,7 @@ class MTCNN(Detector):
         reg, prob = self._run(self.rnet, _crops(rgb, idx, boxes, 24))
         ok = prob > self.thresholds[1]
         idx, boxes, prob, reg = idx[ok], boxes[ok], prob[ok], reg[ok]
-        keep = batched_nms(boxes, prob, idx, NMS_RNET)
+        keep = _nms_per_image(boxes, prob, idx, NMS_RNET)
         return idx[keep], square(regress(boxes[keep], reg[keep]))
 
     def _output(self, rgb, idx, boxes):
