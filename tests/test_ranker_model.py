@@ -11,6 +11,16 @@ from pipeline.errors import ConfrankError
 from pipeline.ranker.model import (RankerConfig, box_statistics, build_ranker, model_from_payload,
                                    model_payload)
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread per test process: pytest -n 2 on a 2-core machine otherwise
+    oversubscribes the CPU (10x slower convolutions)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 N = 64
 CONFIGS = {
     "mobilenet": RankerConfig(num_boxes=N, backbone="mobilenet", image_size=128),
