@@ -1,0 +1,190 @@
+"""IoU, greedy NMS, box voting and oracle IoU on ``x1, y1, x2, y2`` boxes (original pixels).
+
+All IoUs here use the +1 pixel convention of the RetinaFace/SSH reference code and of the
+WiderFace evaluation (a box from x1 to x2 is ``x2 - x1 + 1`` pixels wide). They are computed
+in float64 as torchvision does on boxes whose x2, y2 are shifted by +1, so that NMS
+(``torchvision.ops.batched_nms``), the voting clusters and the oracle agree exactly.
+
+Groups (images, or image and scale) are integer codes; every function works on one flat
+batch of boxes from many groups at once, on CPU or GPU tensors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torchvision.ops import batched_nms, box_iou
+from torchvision.ops import nms as _torchvision_nms
+
+#: IoU matrix entries computed at once when assigning boxes to voting clusters
+_CHUNK = 1 << 22
+
+
+def _shifted(boxes: torch.Tensor) -> torch.Tensor:
+    """(N, 4) boxes as float64 with x2, y2 + 1: torchvision's IoU of these is the +1 IoU."""
+    out = boxes.to(torch.float64).clone()
+    out[:, 2:] += 1
+    return out
+
+
+def iou_plus_one(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(N, M) float64 IoU of boxes ``a`` (N, 4) and ``b`` (M, 4), +1 pixel convention."""
+    return box_iou(_shifted(a), _shifted(b))
+
+
+def _order(scores: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Indices sorting by group, then score descending; stable (ties keep input order)."""
+    by_score = torch.sort(scores.to(torch.float64), descending=True, stable=True).indices
+    by_group = torch.sort(groups[by_score], stable=True).indices
+    return by_score[by_group]
+
+
+def _top_per_group(index: torch.Tensor, groups: torch.Tensor, keep: int) -> torch.Tensor:
+    """The first ``keep`` entries of ``index`` (already ordered within groups) per group."""
+    g = groups[index]
+    if len(g) == 0:
+        return index
+    start = torch.ones_like(g, dtype=torch.bool)
+    start[1:] = g[1:] != g[:-1]
+    first = torch.cummax(torch.where(start, torch.arange(len(g), device=g.device), 0), 0).values
+    rank = torch.arange(len(g), device=g.device) - first
+    return index[rank < keep]
+
+
+def nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou: float = 0.4, keep: int = 750) -> torch.Tensor:
+    """Greedy NMS per group: indices of the kept boxes, ordered by group then score.
+
+    boxes: (N, 4) x1, y1, x2, y2; scores: (N,); groups: (N,) int64 group codes (an image,
+    or an image and scale). A box is suppressed by a higher-scored kept box of its group
+    with IoU > ``iou`` (+1 convention, as ``py_cpu_nms`` of the RetinaFace repositories).
+    At most ``keep`` boxes per group are returned. Equal scores keep input order.
+    """
+    if len(boxes) == 0:
+        return torch.zeros(0, dtype=torch.int64, device=boxes.device)
+    order = _order(scores, groups)
+    kept = batched_nms(_shifted(boxes[order]), scores[order].to(torch.float64), groups[order], iou)
+    kept = order[torch.sort(kept).values]  # back to (group, score) order
+    return _top_per_group(kept, groups, keep)
+
+
+def box_voting(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    groups: torch.Tensor,
+    iou: float = 0.4,
+    keep: int = 750,
+    keep_singletons: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Box voting per group (the multi-scale fusion of the RetinaFace/SSH test code).
+
+    Within a group, boxes are taken by score (descending, stable); the top remaining box and
+    every remaining box with IoU >= ``iou`` to it (+1 convention) form a cluster and are
+    removed. A cluster becomes one box: its coordinates are the score-weighted mean of its
+    members' coordinates and its score is the highest member score. A cluster of a single
+    box is dropped, except the group's last cluster (the reference appends the box that is
+    left when nothing else remains); ``keep_singletons=True`` keeps every single-box cluster
+    as it is, as other public variants do. The first ``keep`` fused boxes per group are
+    returned (cluster order = score order).
+
+    No score threshold is applied here: the reference filters its detections at 0.02
+    before voting, which our detect stage already does (``Detector.min_score``). For an
+    empty group the reference emits a dummy box; this returns nothing.
+
+    Returns (boxes (K, 4) float64, scores (K,) float64, groups (K,) int64).
+    """
+    device = boxes.device
+    if len(boxes) == 0:
+        return (torch.zeros(0, 4, dtype=torch.float64, device=device), torch.zeros(0, dtype=torch.float64, device=device),
+                torch.zeros(0, dtype=torch.int64, device=device))
+    order = _order(scores, groups)
+    boxes, scores, groups = boxes[order].to(torch.float64), scores[order].to(torch.float64), groups[order]
+    seeds, cluster = _clusters(boxes, scores, groups, iou)
+    n_clusters = len(seeds)
+    size = torch.bincount(cluster, minlength=n_clusters)
+    weight_sum = torch.zeros(n_clusters, dtype=torch.float64, device=device).index_add_(0, cluster, scores)
+    coords = torch.zeros(n_clusters, 4, dtype=torch.float64, device=device).index_add_(0, cluster, boxes * scores[:, None])
+    fused = coords / weight_sum[:, None]
+    singleton = size == 1
+    fused[singleton] = boxes[seeds[singleton]]  # exact coordinates, not x * s / s
+    seed_groups = groups[seeds]
+    last_of_group = torch.ones_like(seed_groups, dtype=torch.bool)
+    last_of_group[:-1] = seed_groups[1:] != seed_groups[:-1]
+    emitted = torch.ones_like(last_of_group) if keep_singletons else ~singleton | last_of_group
+    index = _top_per_group(torch.nonzero(emitted).flatten(), seed_groups, keep)
+    return fused[index], scores[seeds[index]], seed_groups[index]
+
+
+def _clusters(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy clusters of boxes sorted by (group, score desc).
+
+    Returns (seeds, cluster): the positions of the cluster seeds in order, and for every
+    box the index of its cluster in ``seeds``. The seeds are the boxes that greedy NMS keeps
+    when it suppresses at IoU >= ``iou`` (torchvision's ``nms`` suppresses at IoU > its
+    threshold, so it gets the float64 just below ``iou``); a box belongs to the first seed
+    ranked above it with IoU >= ``iou``, the one whose cluster removed it. Both use the same
+    IoU arithmetic (torchvision's, on +1-shifted float64 boxes) so they agree exactly.
+    """
+    threshold = math.nextafter(iou, -math.inf)
+    shifted = _shifted(boxes)
+    cluster = torch.empty(len(boxes), dtype=torch.int64, device=boxes.device)
+    seeds = []
+    n_seeds = 0
+    starts = torch.nonzero(torch.cat([torch.ones(1, dtype=torch.bool, device=groups.device), groups[1:] != groups[:-1]])).flatten()
+    ends = torch.cat([starts[1:], torch.tensor([len(groups)], device=groups.device)])
+    for lo, hi in zip(starts.tolist(), ends.tolist()):
+        group_boxes = shifted[lo:hi]
+        kept = torch.sort(_torchvision_nms(group_boxes, scores[lo:hi], threshold)).values
+        ids = torch.arange(hi - lo, device=boxes.device)
+        is_seed = torch.zeros(hi - lo, dtype=torch.bool, device=boxes.device)
+        is_seed[kept] = True
+        local = torch.empty(hi - lo, dtype=torch.int64, device=boxes.device)
+        local[kept] = torch.arange(len(kept), device=boxes.device)
+        others = ids[~is_seed]
+        step = max(1, _CHUNK // max(1, len(kept)))
+        for start in range(0, len(others), step):
+            part = others[start:start + step]
+            overlap = box_iou(group_boxes[part], group_boxes[kept]) > threshold
+            overlap &= kept[None, :] < part[:, None]
+            local[part] = overlap.to(torch.uint8).argmax(dim=1)
+        cluster[lo:hi] = local + n_seeds
+        seeds.append(kept + lo)
+        n_seeds += len(kept)
+    return torch.cat(seeds), cluster
+
+
+def oracle_iou(
+    boxes: torch.Tensor, groups: torch.Tensor, gt_boxes: torch.Tensor, gt_groups: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every detection, the IoU with the closest ground-truth box of its group and that box.
+
+    boxes: (N, 4) detections, groups: (N,) int64 image codes; gt_boxes: (M, 4),
+    gt_groups: (M,) int64 codes of the same images, **sorted** ascending. Returns
+    (iou (N,) float64, index (N,) int64 row of ``gt_boxes``): the highest IoU (+1
+    convention; the first face on ties) and its row, or 0 and -1 when the image has no face
+    or no face overlaps the detection. This is the oracle confidence of seed 000 (Fig. 2).
+    """
+    best = torch.zeros(len(boxes), dtype=torch.float64, device=boxes.device)
+    index = torch.full((len(boxes),), -1, dtype=torch.int64, device=boxes.device)
+    if len(boxes) == 0 or len(gt_boxes) == 0:
+        return best, index
+    shifted, gt_shifted = _shifted(boxes), _shifted(gt_boxes)
+    order = torch.sort(groups, stable=True).indices
+    sorted_groups = groups[order]
+    images, counts = torch.unique_consecutive(sorted_groups, return_counts=True)
+    g_lo = torch.searchsorted(gt_groups, images).tolist()
+    g_hi = torch.searchsorted(gt_groups, images, right=True).tolist()
+    lo = 0
+    for count, a, b in zip(counts.tolist(), g_lo, g_hi):
+        rows = order[lo:lo + count]
+        lo += count
+        if a == b:
+            continue
+        step = max(1, _CHUNK // (b - a))
+        for start in range(0, count, step):
+            part = rows[start:start + step]
+            value, arg = box_iou(shifted[part], gt_shifted[a:b]).max(dim=1)
+            hit = value > 0
+            best[part] = torch.where(hit, value, 0.0)
+            index[part] = torch.where(hit, arg + a, -1)
+    return best, index

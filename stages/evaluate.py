@@ -1,0 +1,85 @@
+"""``confrank evaluate``: WiderFace AP of final boxes, PR curves and their plot.
+
+Reads ``Layout.final`` and the ``gt`` table (no images needed) and writes
+``Layout.metrics`` (JSON: APs, counts, the NMS settings and score transform of the boxes,
+provenance), ``Layout.pr_curves`` (``pr`` table) and ``Layout.pr_plot`` (PNG: one panel per
+subset, AP in the legend).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from pipeline.errors import MissingInputError
+from pipeline.metrics import SUBSETS, WiderFaceEval
+from pipeline.shards import atomic_output, provenance, read_metadata, read_table, write_table, write_text_atomic
+from stages.layout import Layout, data_dir_option
+from stages.nms import method_name
+from stages.oracle import read_gt
+
+
+def plot_curves(pr, title: str, aps: dict[str, float], path: Path) -> None:
+    """PR curves at IoU 0.5, one panel per subset (or one VOC panel), AP in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    subsets = [s for s in SUBSETS if s in aps] or ["voc"]
+    fig, axes = plt.subplots(1, len(subsets), figsize=(4.2 * len(subsets), 4), squeeze=False)
+    for ax, subset in zip(axes[0], subsets):
+        rows = pr[(pr["subset"] == subset) & (abs(pr["iou"] - 0.5) < 1e-6)]
+        ax.plot(rows["recall"], rows["precision"], lw=2, label=f"{title} ({aps[subset]:.3f})")
+        ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="Recall", ylabel="Precision", title=subset.capitalize())
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None})
+    plt.close(fig)
+
+
+def text_report(result: dict) -> str:
+    """A short human-readable summary of a metrics dict."""
+    head = f"{result['dataset']} / {result['detector']} / {result['scales']} / {result['method']}"
+    lines = [head, f"  images {result['n_images']}, faces {result['n_faces']}, detections {result['n_detections']}"]
+    if "ap" in result:
+        lines.append("  AP@0.5      " + "  ".join(f"{s} {result['ap'][s]:.4f}" for s in SUBSETS))
+        lines.append("  AP@[.5:.95] " + "  ".join(f"{s} {result['ap_50_95'][s]:.4f}" for s in SUBSETS))
+    lines.append(f"  VOC AP@0.5  {result['voc_ap']:.4f}")
+    return "\n".join(lines)
+
+
+@click.command("evaluate")
+@click.option("--dataset", required=True, help="Dataset name (its gt table must exist).")
+@click.option("--detector", required=True, help="Detector name.")
+@click.option("--method", required=True, help="single, multi, oracle, imported, rank (with --ranker) or rank-RNAME.")
+@click.option("--scales", default="original", show_default=True, help="Scale set of the final boxes.")
+@click.option("--ranker", default=None, help="Ranker name (for --method rank).")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True, help="What to print.")
+@data_dir_option
+def cli(dataset: str, detector: str, method: str, scales: str, ranker: str | None, fmt: str, data_dir: Path) -> None:
+    """WiderFace AP (easy/medium/hard), AP@[.5:.95], VOC AP, AP by attribute, PR curves."""
+    layout = Layout(data_dir)
+    name = method_name(method, ranker)
+    final_path = layout.final(dataset, detector, scales, name)
+    if not final_path.is_file():
+        raise MissingInputError(f"{final_path}: no final boxes; run `confrank nms` (or `confrank import`) for this method first")
+    gt_path, gt = read_gt(layout, dataset)
+    dets = read_table(final_path, "final")
+    evaluation = WiderFaceEval(gt, dets).evaluate()
+    source = read_metadata(final_path)
+    result = {"dataset": dataset, "detector": detector, "scales": scales, "method": name, **evaluation.summarize()}
+    config = source.get("config", {})
+    result["postprocess"] = {k: config[k] for k in ("iou", "keep", "keep_singletons", "fusion", "score_column") if k in config}
+    result["score_transform"] = config.get("score_transform", "none")
+    meta = provenance("evaluate", {k: result[k] for k in ("dataset", "detector", "scales", "method")}, inputs=[final_path, gt_path])
+    pr = evaluation.pr_table()
+    write_table(pr, layout.pr_curves(dataset, detector, scales, name), "pr", metadata=meta)
+    aps = dict(result.get("ap", {})) or {"voc": result["voc_ap"]}
+    plot_curves(pr, f"{detector} {name}", aps, layout.pr_plot(dataset, detector, scales, name))
+    write_text_atomic(layout.metrics(dataset, detector, scales, name), json.dumps({**result, "provenance": meta}, indent=2, sort_keys=True) + "\n")
+    click.echo(json.dumps(result, sort_keys=True) if fmt == "json" else text_report(result))

@@ -1,0 +1,126 @@
+"""``confrank nms``: NMS or box voting of detection shards into final boxes.
+
+Methods and their inputs:
+
+* ``single``: greedy NMS of a one-scale set (oracle shards, else detection shards);
+* ``multi``: box voting over the union of all scales and flips of an image (same inputs);
+* ``oracle``: the score replaced by ``oracle_iou`` (oracle shards), then NMS for a
+  one-scale set or voting for a multi-scale set: the upper bound of seed 000, Fig. 2;
+* ``rank``: the score replaced by the ranker's ``rank_score`` (``Layout.reranked`` shards),
+  then NMS or voting as for ``oracle``; written as method ``rank-{ranker}``.
+
+Shards are processed one dask task each and only their (small) results are kept, so
+memory is bounded by the largest shard. Output: ``Layout.final`` (``final`` table, sorted by
+image and score), with the method, IoU, keep, fusion and singleton rule in its metadata.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.boxes import box_voting, nms
+from pipeline.errors import ConfrankError
+from pipeline.shards import BOX_COLUMNS, provenance, read_metadata, read_table, shard_paths, write_table
+from stages.layout import Layout, data_dir_option
+from stages.oracle import dask_scheduler_option, map_shards, require_shards
+
+FINAL_SORT = [("image_id", "ascending"), ("score", "descending")]
+SCORE_COLUMN = {"single": "score", "multi": "score", "oracle": "oracle_iou", "rank": "rank_score"}
+
+
+def method_name(method: str, ranker: str | None) -> str:
+    """The stored method string: ``single``, ``multi``, ``oracle`` or ``rank-{ranker}``."""
+    if method == "rank":
+        if not ranker:
+            raise click.BadParameter("--method rank needs --ranker RNAME", param_hint="--ranker")
+        return f"rank-{ranker}"
+    return method
+
+
+def fuse(dets: pd.DataFrame, method: str, iou: float, keep: int, keep_singletons: bool, source: str = "<detections>") -> pd.DataFrame:
+    """Final boxes (image_id, x1..y2, score) of one shard's detections.
+
+    ``single`` needs one (scale, flip) per set; ``multi`` always votes; ``oracle``/``rank``
+    vote when the set has several (scale, flip) pairs and run NMS otherwise.
+    """
+    column = SCORE_COLUMN[method]
+    if column not in dets:
+        raise ConfrankError(f"{source}: method {method!r} needs a {column!r} column")
+    views = dets[["scale", "flip"]].drop_duplicates()
+    if method == "single" and len(views) > 1:
+        pairs = sorted(map(tuple, views.to_numpy().tolist()))
+        raise ConfrankError(f"{source}: method 'single' needs a one-scale set, got (scale, flip) pairs {pairs}; use --method multi")
+    codes, images = pd.factorize(dets["image_id"].astype(str), sort=True)
+    boxes = torch.from_numpy(dets[list(BOX_COLUMNS)].to_numpy(np.float64))
+    scores = torch.from_numpy(dets[column].to_numpy(np.float64))
+    groups = torch.from_numpy(codes.astype(np.int64))
+    if method == "multi" or (method != "single" and len(views) > 1):
+        out_boxes, out_scores, out_groups = box_voting(boxes, scores, groups, iou, keep, keep_singletons)
+    else:
+        index = nms(boxes, scores, groups, iou, keep)
+        out_boxes, out_scores, out_groups = boxes[index], scores[index], groups[index]
+    frame = pd.DataFrame(out_boxes.numpy(), columns=list(BOX_COLUMNS))
+    frame.insert(0, "image_id", np.asarray(images, dtype=object)[out_groups.numpy()])
+    frame["score"] = out_scores.numpy()
+    return frame
+
+
+def fusion_of(method: str, n_views: int) -> str:
+    """``nms`` or ``voting``: what :func:`fuse` does for ``method`` on a set of ``n_views``."""
+    return "voting" if method == "multi" or (method != "single" and n_views > 1) else "nms"
+
+
+def _fuse_shard(job: tuple[Path, str, float, int, bool]) -> tuple[pd.DataFrame, int]:
+    path, method, iou, keep, keep_singletons = job
+    torch.set_num_threads(1)
+    dets = read_table(path, "detections")
+    n_views = len(dets[["scale", "flip"]].drop_duplicates())
+    return fuse(dets, method, iou, keep, keep_singletons, source=str(path)), n_views
+
+
+def input_shards(layout: Layout, dataset: str, detector: str, scales: str, method: str, ranker: str | None) -> list[Path]:
+    """The shards a method reads (oracle shards, falling back to detections for single/multi)."""
+    if method == "rank":
+        return require_shards(layout.reranked_dir(ranker, dataset, detector, scales), "re-ranked",
+                              f"run `confrank rerank --dataset {dataset} --detector {detector} --scales {scales} --ranker {ranker}` first")
+    oracle = shard_paths(layout.oracle_dir(dataset, detector, scales))
+    if oracle or method == "oracle":
+        return oracle or require_shards(layout.oracle_dir(dataset, detector, scales), "oracle",
+                                        f"run `confrank oracle --dataset {dataset} --detector {detector} --scales {scales}` first")
+    return require_shards(layout.detections_dir(dataset, detector, scales), "detection",
+                          f"run `confrank detect --dataset {dataset} --detector {detector} --scales {scales}` first")
+
+
+@click.command("nms")
+@click.option("--dataset", required=True, help="Dataset name.")
+@click.option("--detector", required=True, help="Detector name.")
+@click.option("--scales", required=True, help="Scale set of the shards (original, 8k, wider-multi, 8k-multi, ...).")
+@click.option("--method", type=click.Choice(sorted(SCORE_COLUMN)), required=True, help="single: NMS; multi: box voting; oracle/rank: oracle IoU or ranker score as confidence.")
+@click.option("--ranker", default=None, help="Ranker name (for --method rank).")
+@click.option("--iou", type=click.FloatRange(0, 1), default=0.4, show_default=True, help="IoU threshold of NMS (suppress above) and voting (cluster at or above).")
+@click.option("--keep", type=click.IntRange(min=1), default=750, show_default=True, help="Boxes kept per image.")
+@click.option("--keep-singletons/--drop-singletons", default=False, show_default=True,
+              help="Voting: keep one-box clusters (default drops them, as the RetinaFace reference test code).")
+@dask_scheduler_option
+@data_dir_option
+def cli(dataset: str, detector: str, scales: str, method: str, ranker: str | None, iou: float, keep: int,
+        keep_singletons: bool, dask_scheduler: str, data_dir: Path) -> None:
+    """NMS / box voting of (oracle-annotated or re-ranked) shards into final boxes."""
+    layout = Layout(data_dir)
+    name = method_name(method, ranker)
+    sources = input_shards(layout, dataset, detector, scales, method, ranker)
+    results = map_shards(_fuse_shard, [(p, method, iou, keep, keep_singletons) for p in sources], dask_scheduler)
+    final = pd.concat([r[0] for r in results], ignore_index=True)
+    n_views = max(r[1] for r in results)
+    config = {"dataset": dataset, "detector": detector, "scales": scales, "method": name, "iou": iou, "keep": keep,
+              "keep_singletons": keep_singletons, "fusion": fusion_of(method, n_views), "score_column": SCORE_COLUMN[method],
+              "iou_convention": "+1 pixel"}
+    meta = provenance("nms", config, inputs=sources, source_metadata=read_metadata(sources[0]))
+    path = layout.final(dataset, detector, scales, name)
+    write_table(final, path, "final", metadata=meta, sort_by=FINAL_SORT)
+    click.echo(f"wrote {len(final)} boxes ({config['fusion']}) to {path}")
