@@ -36,11 +36,13 @@ RESULTS = expand_results(config)
 CONFIG_HASH = config_hash(config)
 
 _exe = Path(sys.executable).with_name("confrank")
-CONFRANK = shlex.quote(str(_exe)) if _exe.is_file() else f"{shlex.quote(sys.executable)} -m pipeline.cli"
+PYTHON = shlex.quote(sys.executable)
+CONFRANK = shlex.quote(str(_exe)) if _exe.is_file() else f"{PYTHON} -m pipeline.cli"
 
-# every shell command: the rule name and config hash go into the outputs' provenance
+# every shell command: the rule name goes into the outputs' provenance (pipeline.shards);
+# the config hash is not exported: it would make every job rerun on any config change
 ENV = (
-    "export CONFRANK_RULE={rule} CONFRANK_CONFIG_HASH=" + CONFIG_HASH
+    "export CONFRANK_RULE={rule}"
     + " CONFRANK_DATA_DIR=" + shlex.quote(str(L.root))
     + ("" if config["weights_dir"] is None else " CONFRANK_WEIGHTS=" + shlex.quote(config["weights_dir"]))
     + "; "
@@ -117,6 +119,7 @@ rule sample:
     output:
         directory(str(L.root / "raw" / "{dataset}")),
     params:
+        images=lambda wc: flag("images", DATASETS[wc.dataset]["max_images"]),
         code=code_hash("stages.sample"),
     log:
         "logs/sample/{dataset}.log",
@@ -125,21 +128,28 @@ rule sample:
         mem_mb=1000,
         runtime=10,
     shell:
-        ENV + "{CONFRANK} sample --out {output} > {log} 2>&1"
+        ENV + "{CONFRANK} sample --out {output} {params.images} > {log} 2>&1"
 
 
 def index_input(wc):
     ds = DATASETS[wc.dataset]
-    return [str(L.root / "raw" / wc.dataset)] if ds["source"] == "sample" else []
+    if ds["source"] == "sample":
+        return [str(L.root / "raw" / wc.dataset)]
+    if ds["source"] == "subset":
+        return [T("images", ds["subset_of"]), T("gt", ds["subset_of"])]
+    return []
 
 
-def index_args(wc):
+def index_command(wc):
     ds = DATASETS[wc.dataset]
+    if ds["source"] == "subset":
+        return (f"{PYTHON} -m stages.subset --parent {ds['subset_of']} --name {wc.dataset}"
+                f" --max-images {ds['max_images']}")
     root = L.root / "raw" / wc.dataset if ds["source"] == "sample" else ds["root"]
-    return " ".join(filter(None, [
-        flag("root", root), flag("format", ds["format"]), flag("split", ds["split"]),
-        flag("max-images", ds["max_images"]),
-    ]))
+    return " ".join([
+        f"{CONFRANK} index --name {wc.dataset}", flag("root", root), flag("format", ds["format"]),
+        flag("split", ds["split"]),
+    ])
 
 
 rule index:
@@ -149,8 +159,8 @@ rule index:
         images=T("images", "{dataset}"),
         gt=T("gt", "{dataset}"),
     params:
-        args=index_args,
-        code=code_hash("stages.index"),
+        command=index_command,
+        code=lambda wc: code_hash("stages.subset" if DATASETS[wc.dataset]["source"] == "subset" else "stages.index"),
     log:
         "logs/index/{dataset}.log",
     threads: 1
@@ -158,7 +168,7 @@ rule index:
         mem_mb=2000,
         runtime=30,
     shell:
-        ENV + "{CONFRANK} index --name {wildcards.dataset} {params.args} > {log} 2>&1"
+        ENV + "{params.command} > {log} 2>&1"
 
 
 rule detect_shard:
@@ -210,13 +220,9 @@ def train_input(wc):
 
 def train_args(wc):
     r = RANKERS[wc.ranker]
-    a = ranker_args(r)
-    return " ".join(filter(None, [
-        flag("datasets", ",".join(r["datasets"])), flag("detectors", ",".join(r["detectors"])),
-        flag("scales", r["scales"]), flag("iterations", a["iterations"]), flag("backbone", a["backbone"]),
-        flag("image-branch", a["image_branch"]), flag("loss", a["loss"]), flag("n-pairs", a["n_pairs"]),
-        flag("split-half", a["split_half"]),
-    ]))
+    fixed = [flag("datasets", ",".join(r["datasets"])), flag("detectors", ",".join(r["detectors"])),
+             flag("scales", r["scales"])]
+    return " ".join(fixed + [flag(k.replace("_", "-"), v) for k, v in ranker_args(r).items()])
 
 
 rule train_ranker:

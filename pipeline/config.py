@@ -103,6 +103,12 @@ def _semantic_errors(config: Mapping[str, Any]) -> list[str]:
     for name, ds in datasets.items():
         if ds["source"] == "folder" and "root" not in ds:
             problems.append(f"datasets.{name}: source 'folder' needs a 'root'")
+        if ds["source"] == "subset":
+            parent = ds.get("subset_of")
+            if parent not in datasets or parent == name:
+                problems.append(f"datasets.{name}.subset_of: {_known('dataset', str(parent), set(datasets) - {name})}")
+            if ds.get("max_images") is None:
+                problems.append(f"datasets.{name}: source 'subset' needs 'max_images'")
 
     def check_names(where: str, detectors: list[str], scales: list[str], dsets: list[str]) -> None:
         for i, det in enumerate(detectors):
@@ -166,7 +172,8 @@ def detection_sets(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     seen: dict[tuple[str, str, str], None] = {}
     for res in expand(config):
         seen.setdefault((res.dataset, res.detector, res.scales))
-    for ranker in config.get("rankers", {}).values():
+    for name in used_rankers(config):
+        ranker = config["rankers"][name]
         for ds in ranker["datasets"]:
             for det in ranker["detectors"]:
                 seen.setdefault((ds, det, ranker["scales"]))
@@ -181,5 +188,4 @@ def used_rankers(config: Mapping[str, Any]) -> list[str]:
 
 def ranker_args(ranker: Mapping[str, Any]) -> dict[str, Any]:
     """The settings of a ranker that change its model (the train rule's params)."""
-    keys = ("iterations", "backbone", "image_branch", "loss", "n_pairs", "split_half")
-    return {k: ranker.get(k) for k in keys}
+    return {k: v for k, v in ranker.items() if k not in ("datasets", "detectors", "scales")}

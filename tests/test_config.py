@@ -1,0 +1,89 @@
+"""Config validation (readable messages) and the expansion of experiments into results."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, Result, detection_sets, expand, used_rankers, validate_config
+from stages.run import DEFAULT_CONFIG, ROOT, load_config, load_schema
+
+SCHEMA = load_schema()
+
+
+def base() -> dict:
+    return yaml.safe_load(DEFAULT_CONFIG.read_text())
+
+
+def test_shipped_configs_are_valid():
+    for name in ("config.yaml", "test.yaml"):
+        merged = base()
+        merged.update(yaml.safe_load((ROOT / "config" / name).read_text()))
+        validate_config(merged, SCHEMA, source=name)
+    config = load_config(DEFAULT_CONFIG)
+    assert config["postprocess"] == {"nms_iou": 0.4, "vote_iou": 0.4, "keep_top": 750,
+                                     "keep_singletons": False, "score_transform": "none"}
+    assert config["datasets"]["sample"]["max_images"] is None  # schema default filled in
+
+
+def test_wrong_type_is_named_with_its_key_path():
+    config = base()
+    config["datasets"]["sample"]["shards"] = "two"
+    with pytest.raises(ConfigError) as err:
+        validate_config(config, SCHEMA, source="my.yaml")
+    assert "my.yaml: datasets.sample.shards: 'two' is not of type 'integer'" in str(err.value)
+
+
+def test_unknown_detector_lists_the_known_ones():
+    config = base()
+    config["experiments"][0]["detectors"] = ["mtcnn", "yolo-face"]
+    with pytest.raises(ConfigError) as err:
+        validate_config(config, SCHEMA)
+    msg = str(err.value)
+    assert "experiments[0].detectors[1]: unknown detector 'yolo-face'" in msg
+    assert "retinaface-mnet025" in msg and "slim" in msg
+
+
+def test_bad_references_are_all_reported():
+    config = base()
+    config["experiments"][0]["scales"] = ["4k"]
+    config["experiments"][0]["dataset"] = "nope"
+    config["rankers"]["small"]["datasets"] = ["missing"]
+    config["datasets"]["sub"] = {"source": "subset", "subset_of": "elsewhere"}
+    with pytest.raises(ConfigError) as err:
+        validate_config(config, SCHEMA)
+    msg = str(err.value)
+    for part in ("experiments[0].scales[0]: unknown scale set '4k'",
+                 "experiments[0].dataset: unknown dataset 'nope'",
+                 "rankers.small.datasets[0]: unknown dataset 'missing'",
+                 "datasets.sub.subset_of: unknown dataset 'elsewhere'",
+                 "datasets.sub: source 'subset' needs 'max_images'"):
+        assert part in msg
+
+
+def test_unknown_key_is_rejected():
+    config = base()
+    config["postprocess"]["nms_threshold"] = 0.5
+    with pytest.raises(ConfigError, match="postprocess: Additional properties are not allowed"):
+        validate_config(config, SCHEMA)
+
+
+def test_expand_matches_methods_to_scale_sets():
+    config = validate_config({
+        "datasets": {"d": {"root": "x"}},
+        "rankers": {"r1": {"datasets": ["d"], "detectors": ["slim"], "scales": "original"},
+                    "r2": {"datasets": ["d"], "detectors": ["slim"], "scales": "8k"}},
+        "experiments": [{"dataset": "d", "detectors": ["slim"], "scales": ["8k", "8k-multi"],
+                         "rankers": ["r2"]}],
+    }, copy.deepcopy(SCHEMA))
+    assert expand(config) == [
+        Result("d", "slim", "8k", "single"), Result("d", "slim", "8k", "oracle"),
+        Result("d", "slim", "8k", "rank-r2"), Result("d", "slim", "8k-multi", "multi"),
+        Result("d", "slim", "8k-multi", "oracle"), Result("d", "slim", "8k-multi", "rank-r2"),
+    ]
+    assert Result("d", "slim", "8k", "rank-r2").ranker == "r2"
+    assert used_rankers(config) == ["r2"]
+    # r1 is configured but unused: nothing is detected for it
+    assert detection_sets(config) == [("d", "slim", "8k"), ("d", "slim", "8k-multi")]
