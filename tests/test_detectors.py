@@ -1,0 +1,314 @@
+"""Detector ports, prior boxes, decoding, resize, image decoding and the detection loop."""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from pipeline.detect import Decoded, DetectLoop, to_original
+from pipeline.detectors import registry
+from pipeline.detectors.base import RawDetections
+from pipeline.detectors.onemb import ANCHORS as ANCHORS_1MB_FAMILY
+from pipeline.detectors.priors import PriorConfig, decode_boxes, decode_landmarks, prior_boxes, prior_boxes_loop
+from pipeline.detectors.retinaface import ANCHORS_RETINAFACE, build_r50, resnet50_net
+from pipeline.errors import ConfrankError, FormatError
+from pipeline.imaging import decode_image, resize_cv2, resize_tensor, to_chw_tensor
+from pipeline.scales import Scale, scale_set
+
+WEIGHTED = ("retinaface-mnet025", "retinaface-mnet025-1mb", "slim", "rfb")
+CONFIGS = (ANCHORS_RETINAFACE, ANCHORS_1MB_FAMILY)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def build(name, weights_dir, device="cpu"):
+    info = registry.get_info(name)
+    return registry.build(name, {w: weights_dir / f"{w}.pth" for w in info.weights}, torch.device(device))
+
+
+def load(path) -> Decoded:
+    return Decoded(f"{path.parent.name}/{path.stem}", to_chw_tensor(decode_image(path)))
+
+
+@pytest.fixture(scope="module")
+def two_images():
+    from tests.conftest import need_shared
+
+    root = need_shared("widerface416", "WIDER_val", "images")
+    return [load(p) for p in sorted(root.glob("*/*.jpg"))[:2]]
+
+
+# ----------------------------------------------------------------------------- priors
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 300), st.integers(1, 300), st.sampled_from(CONFIGS))
+def test_vectorised_priors_equal_reference_loop(height, width, config):
+    fast = prior_boxes(height, width, config)
+    assert torch.equal(fast, prior_boxes_loop(height, width, config))
+    cells = sum(math.ceil(height / s) * math.ceil(width / s) * len(m) for s, m in zip(config.steps, config.min_sizes))
+    assert fast.shape == (cells, 4)
+
+
+def test_priors_are_cached_per_size():
+    a = prior_boxes(64, 96, ANCHORS_RETINAFACE)
+    assert prior_boxes(64, 96, ANCHORS_RETINAFACE) is a
+    assert prior_boxes(64, 97, ANCHORS_RETINAFACE) is not a
+
+
+def test_first_prior_of_each_level():
+    config = PriorConfig(steps=(8, 16), min_sizes=((10, 20), (32,)))
+    p = prior_boxes(32, 64, config)  # level 1: 4x8 cells x2 anchors, level 2: 2x4 cells
+    assert p[0].tolist() == pytest.approx([4 / 64, 4 / 32, 10 / 64, 10 / 32])
+    assert p[1].tolist() == pytest.approx([4 / 64, 4 / 32, 20 / 64, 20 / 32])
+    assert p[2].tolist() == pytest.approx([12 / 64, 4 / 32, 10 / 64, 10 / 32])  # next column
+    assert p[64].tolist() == pytest.approx([8 / 64, 8 / 32, 32 / 64, 32 / 32])
+
+
+def test_decode_zero_regression_gives_prior_box():
+    priors = torch.tensor([[0.5, 0.25, 0.2, 0.1]])
+    boxes = decode_boxes(torch.zeros(1, 1, 4), priors, (0.1, 0.2))
+    assert boxes[0, 0].tolist() == pytest.approx([0.4, 0.2, 0.6, 0.3])
+    loc = torch.tensor([[[1.0, -1.0, math.log(2) / 0.2, 0.0]]])
+    boxes = decode_boxes(loc, priors, (0.1, 0.2))  # centre moves by 0.1 * size, width doubles
+    assert boxes[0, 0].tolist() == pytest.approx([0.52 - 0.2, 0.24 - 0.05, 0.52 + 0.2, 0.24 + 0.05])
+    points = decode_landmarks(torch.ones(1, 1, 10), priors, (0.1, 0.2))
+    assert points[0, 0, :2].tolist() == pytest.approx([0.52, 0.26])
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+@pytest.mark.parametrize("name,keys", [("retinaface-mnet025", "retinaface_mobilenet0.25.keys.txt"),
+                                       ("slim", "slim_Final.keys.txt"), ("rfb", "RBF_Final.keys.txt")])
+def test_networks_match_published_key_lists(name, keys, weights_dir):
+    listed = {}
+    for line in (weights_dir / keys).read_text().splitlines():
+        key, shape, _ = line.split("\t")
+        listed[key] = tuple(int(v) for v in shape.strip("()").split(",") if v.strip())
+    net = build(name, weights_dir).net
+    assert {k: tuple(v.shape) for k, v in net.state_dict().items()} == listed
+
+
+def test_r50_loads_a_prefixed_checkpoint_strictly(tmp_path):
+    torch.manual_seed(0)
+    source = resnet50_net()
+    path = tmp_path / "Resnet50_Final.pth"
+    torch.save({f"module.{k}": v for k, v in source.state_dict().items()}, path)
+    detector = build_r50({"Resnet50_Final": path}, torch.device("cpu"))
+    for key, value in source.state_dict().items():
+        assert torch.equal(detector.net.state_dict()[key], value), key
+    loc, logits, points = detector.net(torch.zeros(1, 3, 64, 96))
+    priors = prior_boxes(64, 96, ANCHORS_RETINAFACE)
+    assert loc.shape == (1, len(priors), 4) and logits.shape == (1, len(priors), 2) and points.shape == (1, len(priors), 10)
+
+
+def test_wrong_checkpoint_names_the_file(tmp_path, weights_dir):
+    path = tmp_path / "Resnet50_Final.pth"
+    path.write_bytes((weights_dir / "slim_Final.pth").read_bytes())
+    with pytest.raises(FormatError, match="Resnet50_Final.pth"):
+        build_r50({"Resnet50_Final": path}, torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------- real detections
+
+
+def check_detections(frame, image, scale_target, top_k=5000):
+    assert len(frame) > 0
+    for (_, scale, flip), rows in frame.groupby(["image_id", "scale", "flip"]):
+        assert scale == scale_target and len(rows) <= top_k
+        scores = rows["score"].to_numpy()
+        assert np.all(np.diff(scores) <= 0) and scores.min() > 0.02 and scores.max() <= 1
+    assert frame[["x1", "y1", "x2", "y2", "score"]].dtypes.eq(np.float32).all()
+    assert (frame["x2"] > frame["x1"]).all() and (frame["y2"] > frame["y1"]).all()
+    # decoded centres lie on the input (priors cover it), in original pixels
+    cx, cy = (frame["x1"] + frame["x2"]) / 2, (frame["y1"] + frame["y2"]) / 2
+    w, h = image.size
+    assert cx.between(-0.1 * w, 1.1 * w).all() and cy.between(-0.1 * h, 1.1 * h).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", WEIGHTED)
+def test_detector_on_real_images_original_and_8k(name, weights_dir, two_images):
+    detector = build(name, weights_dir)
+    det, lat = DetectLoop(detector, scale_set("original")).run(two_images)
+    check_detections(det, two_images[0], 0)
+    assert det["image_id"].nunique() == 2 and len(lat) == 2
+    assert list(det.columns[-10:]) == [f"lm_{a}{i}" for i in range(5) for a in "xy"]
+    # 8K on two real images; horizontal strips keep the 7680 px long edge affordable on a CPU
+    strips = [Decoded(i.image_id, i.pixels[:, 200:232].clone()) for i in two_images]
+    det8k, lat8k = DetectLoop(detector, scale_set("8k")).run(strips)
+    check_detections(det8k, strips[0], 7680)
+    assert lat8k[["input_width", "input_height"]].drop_duplicates().values.tolist() == [[7680, 591]]
+
+
+@pytest.mark.slow
+def test_8k_boxes_map_back_to_original_pixels(weights_dir, two_images):
+    detector = build("retinaface-mnet025", weights_dir)
+    strip = two_images[0].pixels[:, 200:232].clone()
+    det, _ = DetectLoop(detector, scale_set("8k")).run([Decoded("a", strip)])
+    # the reference way: cv2 float resize, detect, divide by the resize factor
+    resized = resize_cv2(strip.permute(1, 2, 0).numpy(), (7680, 591))
+    raw = detector.detect(torch.from_numpy(resized).permute(2, 0, 1)[None])[0]
+    factor = torch.tensor([7680 / 416, 591 / 32] * 2)
+    expected = (raw.boxes / factor)[:50].numpy()
+    got = det[["x1", "y1", "x2", "y2"]].to_numpy()[:50]
+    assert np.abs(got - expected).max() < 0.05
+    assert np.abs(det["score"].to_numpy()[:50] - raw.scores[:50].numpy()).max() < 1e-3
+
+
+def test_flip_round_trip_on_a_real_detector(weights_dir, two_images):
+    detector = build("retinaface-mnet025", weights_dir)
+    image = two_images[1]
+    mirrored = Decoded(image.image_id, image.pixels.flip(-1).contiguous())
+    flipped, _ = DetectLoop(detector, [Scale(0, flip=True)]).run([image])
+    plain, _ = DetectLoop(detector, [Scale(0)]).run([mirrored])
+    assert flipped["flip"].all() and not plain["flip"].any()
+    w = image.size[0]
+    a = flipped[["x1", "y1", "x2", "y2", "score"]].to_numpy()
+    b = plain[["x1", "y1", "x2", "y2", "score"]].to_numpy()
+    b = np.c_[w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3], b[:, 4]]
+    np.testing.assert_allclose(a, b, atol=1e-3)
+    # left eye of the subject stays the left eye: x0 (left eye) < x1 (right eye) for frontal faces
+    top = flipped.iloc[0]
+    assert top["lm_x0"] < top["lm_x1"] and top["lm_x3"] < top["lm_x4"]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(8, 2000), st.integers(8, 2000), st.integers(1, 8000), st.booleans(),
+       st.lists(st.floats(0, 1), min_size=14, max_size=14))
+def test_to_original_round_trip(width, height, target, flip, values):
+    size = Scale(target).input_size(width, height)
+    box = torch.tensor([sorted(values[0:2]) + sorted(values[2:4])])[:, [0, 2, 1, 3]] * torch.tensor(
+        [size[0], size[1]] * 2)
+    points = torch.tensor([values[4:14]]) * torch.tensor([size[0], size[1]] * 5)
+    raw = RawDetections(box, torch.ones(1), points)
+    once = to_original(raw, size, (width, height), flip)
+    assert (once.boxes[:, 2] >= once.boxes[:, 0]).all()
+    # mapping back to input pixels and flipping again gives the input
+    back = RawDetections(once.boxes * torch.tensor([size[0] / width, size[1] / height] * 2), raw.scores,
+                         once.landmarks * torch.tensor([size[0] / width, size[1] / height] * 5))
+    again = to_original(back, size, size, flip)
+    torch.testing.assert_close(again.boxes, box, atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(again.landmarks, points, atol=1e-3, rtol=1e-5)
+
+
+def test_flip_swaps_landmark_sides():
+    points = torch.tensor([[10.0, 1, 30, 2, 20, 3, 12, 4, 28, 5]])  # left eye at x=10, right eye at 30
+    raw = RawDetections(torch.tensor([[5.0, 0, 35, 10]]), torch.ones(1), points)
+    out = to_original(raw, (100, 50), (100, 50), flipped=True)
+    assert out.boxes.tolist() == [[65.0, 0, 95, 10]]
+    assert out.landmarks.tolist() == [[70.0, 2, 90, 1, 80, 3, 72, 5, 88, 4]]
+
+
+# ----------------------------------------------------------------------------- scales
+
+
+def test_scale_sets():
+    assert scale_set("original") == (Scale(0),)
+    assert [(s.target, s.edge, s.flip) for s in scale_set("8k-multi")] == [
+        (7680, "long", False), (7680, "long", True), (5760, "long", False), (5760, "long", True),
+        (4096, "long", False), (4096, "long", True)]
+    assert [s.target for s in scale_set("wider-multi")][::2] == [500, 800, 1100, 1400, 1700]
+    assert Scale(7680).input_size(1024, 683) == (7680, 5122)
+    assert Scale(500, "short").input_size(1024, 683) == (750, 500)
+    with pytest.raises(ConfrankError, match="known: original"):
+        scale_set("4k")
+
+
+# ----------------------------------------------------------------------------- resize and decode
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(2, 64), st.integers(2, 64), st.integers(1, 300), st.integers(1, 300), st.integers(0, 2**31))
+def test_torch_resize_matches_cv2_within_one_grey_level(w, h, out_w, out_h, seed):
+    image = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    ours = resize_tensor(to_chw_tensor(image)[None], (out_w, out_h))[0].permute(1, 2, 0).numpy()
+    assert ours.shape == (out_h, out_w, 3)
+    reference = cv2.resize(image, (out_w, out_h), interpolation=cv2.INTER_LINEAR).astype(np.float32)
+    assert np.abs(np.round(ours) - reference).max() <= 1
+    assert np.abs(ours - resize_cv2(image, (out_w, out_h))).max() < 0.01
+
+
+def test_decode_grey_cmyk_and_png_named_jpg(tmp_path):
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (20, 30), dtype=np.uint8)
+    Image.fromarray(grey).save(tmp_path / "grey.jpg", quality=100)
+    out = decode_image(tmp_path / "grey.jpg")
+    assert out.shape == (20, 30, 3) and np.array_equal(out[..., 0], out[..., 2])
+    rgb = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "png.jpg", format="PNG")
+    assert np.array_equal(decode_image(tmp_path / "png.jpg"), rgb[..., ::-1])
+    Image.fromarray(np.full((20, 30, 3), (200, 30, 10), np.uint8)).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=100)
+    cmyk = decode_image(tmp_path / "cmyk.jpg")
+    assert cmyk.shape == (20, 30, 3) and np.abs(cmyk[10, 10].astype(int) - (10, 30, 200)).max() < 12
+
+
+def test_bad_images_fail_naming_the_file(tmp_path):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(FormatError, match=r"empty\.jpg.*0-byte"):
+        decode_image(tmp_path / "empty.jpg")
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (200, 200, 3), dtype=np.uint8)).save(tmp_path / "full.jpg")
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(FormatError, match=r"cut\.jpg.*truncated"):
+        decode_image(tmp_path / "cut.jpg")
+    (tmp_path / "text.jpg").write_text("not an image")
+    with pytest.raises(FormatError, match=r"text\.jpg"):
+        decode_image(tmp_path / "text.jpg")
+
+
+# ----------------------------------------------------------------------------- out of memory
+
+
+class _Recorder:
+    """A fake detector: one box per image; raises CUDA OOM for batches above ``max_batch``."""
+
+    batched = True
+    min_score, top_k = 0.02, 5000
+
+    def __init__(self, name, max_batch):
+        self.name, self.max_batch, self.device, self.calls = name, max_batch, torch.device("cpu"), []
+
+    def detect(self, images):
+        self.calls.append(images.shape[0])
+        if images.shape[0] > self.max_batch:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        h, w = images.shape[-2:]
+        return [RawDetections(torch.tensor([[0.0, 0, w / 2, h / 2]]), torch.tensor([0.9]), None) for _ in images]
+
+
+def _tiny(n):
+    return [Decoded(f"img{i}", torch.zeros(3, 10, 20, dtype=torch.uint8)) for i in range(n)]
+
+
+def test_oom_retries_one_image_at_a_time(caplog):
+    detector = _Recorder("fake", max_batch=1)
+    det, lat = DetectLoop(detector, [Scale(0)], batch_size=3).run(_tiny(3))
+    assert detector.calls == [3, 1, 1, 1]
+    assert det["x2"].tolist() == [10.0] * 3 and len(lat) == 3
+    assert "retrying one image at a time" in caplog.text
+
+
+def test_oom_on_one_image_falls_back_to_cpu(caplog):
+    gpu, cpu = _Recorder("fake", max_batch=0), _Recorder("fake", max_batch=8)
+    loop = DetectLoop(gpu, [Scale(0), Scale(40)], batch_size=2, cpu_fallback=lambda: cpu)
+    det, _ = loop.run(_tiny(2))
+    assert gpu.calls == [2, 1, 1, 2, 1, 1] and cpu.calls == [1, 1, 1, 1]
+    assert sorted(loop.fallbacks) == ["img0@0", "img0@40", "img1@0", "img1@40"]
+    assert len(det) == 4 and "running it on the CPU" in caplog.text
+    with pytest.raises(ConfrankError, match="img0@0: out of GPU memory"):
+        DetectLoop(_Recorder("fake", max_batch=0), [Scale(0)]).run(_tiny(1))
