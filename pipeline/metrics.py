@@ -140,18 +140,21 @@ class WiderFaceEval:
     matches: Matches | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
-        self.gt = self.gt.sort_values(["image_id", "gt_id"], kind="stable").reset_index(drop=True)
-        self.gt["image_id"] = self.gt["image_id"].astype(str)
+        self.gt = self.gt.reset_index(drop=True)
+        ids = self.gt["image_id"].astype(str).to_numpy()
+        #: gt rows in (image, gt_id) order; keep masks stay aligned with ``gt`` as given
+        self._order = np.lexsort((self.gt["gt_id"].to_numpy(), ids))
+        self._ids = ids[self._order]
 
     # -------------------------------------------------------------- evaluate (per image)
 
     def evaluate(self) -> "WiderFaceEval":
         """Match every detection to its best face (max IoU, first on ties); cached."""
-        gt_ids = self.gt["image_id"].to_numpy()
+        gt_ids = self._ids
         gt_start = np.flatnonzero(np.r_[True, gt_ids[1:] != gt_ids[:-1]]) if len(gt_ids) else np.zeros(0, int)
         gt_images = gt_ids[gt_start]
         gt_end = np.r_[gt_start[1:], len(gt_ids)]
-        gt_boxes = self.gt[list(BOX_COLUMNS)].to_numpy(np.float64)
+        gt_boxes = self.gt[list(BOX_COLUMNS)].to_numpy(np.float64)[self._order]
 
         det_image, images = pd.factorize(self.dets["image_id"].astype(str), sort=True)
         images = np.asarray(images, dtype=object)
@@ -182,6 +185,7 @@ class WiderFaceEval:
     def _flags(self, keep: np.ndarray, iou_threshold: float) -> tuple[np.ndarray, np.ndarray]:
         """(proposal, true positive) flags per detection for a keep list and IoU threshold."""
         m = self.matches
+        keep = keep[self._order]
         matched = m.iou >= iou_threshold
         face_kept = np.zeros(len(m.face), dtype=bool)
         face_kept[matched] = keep[m.face[matched]]
@@ -193,7 +197,7 @@ class WiderFaceEval:
         return proposal, tp
 
     def widerface_curve(self, keep: np.ndarray, iou_threshold: float = 0.5) -> Curve:
-        """The port's PR curve and AP for faces ``keep`` (bool per gt row; others ignored)."""
+        """The port's PR curve and AP for faces ``keep`` (bool per row of ``gt``; others ignored)."""
         if self.matches is None:
             self.evaluate()
         m = self.matches

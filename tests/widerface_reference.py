@@ -169,7 +169,7 @@ def gt_from_table(gt) -> dict:
     """The reference's ``gt`` mapping from a ``gt`` table (x2 - x1 back to w)."""
     out = {}
     for image_id, g in gt.sort_values(["image_id", "gt_id"]).groupby("image_id", sort=False):
-        boxes = g[["x1", "y1", "x2", "y2"]].to_numpy(np.float64)
+        boxes = g[["x1", "y1", "x2", "y2"]].to_numpy(np.float64).copy()
         boxes[:, 2:] -= boxes[:, :2]
         keep = {s: np.flatnonzero(g[s].to_numpy(bool)) + 1 for s in ("easy", "medium", "hard")}
         out[str(image_id)] = (boxes, keep)
