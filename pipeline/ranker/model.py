@@ -175,7 +175,7 @@ class ConfRanker(nn.Module):
         return _finish(residual, boxes, mask)
 
 
-def box_statistics(boxes: torch.Tensor, mask: torch.Tensor, topk: int = 4) -> torch.Tensor:
+def box_statistics(boxes: torch.Tensor, mask: torch.Tensor, topk: int = 4, chunk: int = 1024) -> torch.Tensor:
     """Per-box features for :class:`BoxStatsRanker`: ``(B, N, 5)`` -> ``(B, N, 10 + 2*topk)``.
 
     For each real box: its row (x1, y1, w, h, c); log of its normalised size; its rank among
@@ -183,36 +183,45 @@ def box_statistics(boxes: torch.Tensor, mask: torch.Tensor, topk: int = 4) -> to
     their mean (GFLV2's Top-k + mean statistic, applied to the cluster of overlapping
     detections), the confidences of those ``topk`` neighbours, the maximum IoU with a box of
     higher confidence (what greedy NMS looks at) and log(1 + number of boxes with IoU > 0.4).
-    Only real boxes enter the statistics; padded rows get zero features. No gradient.
+    Only real boxes enter the statistics; padded rows get zero features. No gradient. IoUs
+    are computed ``chunk`` rows at a time (memory ``chunk x N``).
     """
     b, n, _ = boxes.shape
     out = boxes.new_zeros(b, n, 10 + 2 * topk)
     with torch.no_grad():
         for i in range(b):
             real = mask[i].nonzero().squeeze(1)
-            m = real.numel()
-            if m == 0:
-                continue
-            rows = boxes[i, real].float()
-            xyxy = torch.cat([rows[:, :2], rows[:, :2] + rows[:, 2:4]], dim=1)
-            iou = box_iou(xyxy, xyxy)
-            iou.fill_diagonal_(0.0)
-            k = min(topk, m - 1)
-            top_iou = iou.new_zeros(m, topk)
-            top_conf = iou.new_zeros(m, topk)
-            if k > 0:
-                vals, idx = iou.topk(k, dim=1)
-                top_iou[:, :k] = vals
-                top_conf[:, :k] = rows[idx, 4] * (vals > 0)
-            # rows are sorted by confidence: column j of the upper triangle = boxes ranked above j
-            max_higher = torch.triu(iou, diagonal=1).max(dim=0).values
-            size = torch.log((rows[:, 2] * rows[:, 3]).clamp_min(1e-8)).unsqueeze(1) / 10.0
-            rank = (torch.arange(m, device=rows.device, dtype=rows.dtype) / m).unsqueeze(1)
-            crowd = torch.log1p((iou > 0.4).sum(dim=1, dtype=rows.dtype)).unsqueeze(1)
-            feats = torch.cat([rows, size, rank, top_iou, top_iou.mean(1, keepdim=True), top_conf,
-                               max_higher.unsqueeze(1), crowd], dim=1)
-            out[i, real] = feats.to(out.dtype)
+            if real.numel():
+                out[i, real] = _box_features(boxes[i, real].float(), topk, chunk).to(out.dtype)
     return out
+
+
+def _box_features(rows: torch.Tensor, topk: int, chunk: int) -> torch.Tensor:
+    """:func:`box_statistics` of the ``(m, 5)`` real rows of one image (sorted by confidence)."""
+    m = rows.shape[0]
+    xyxy = torch.cat([rows[:, :2], rows[:, :2] + rows[:, 2:4]], dim=1)
+    k = min(topk, m - 1)
+    top_iou = rows.new_zeros(m, topk)
+    top_conf = rows.new_zeros(m, topk)
+    max_higher = rows.new_zeros(m)
+    crowd = rows.new_zeros(m)
+    cols = torch.arange(m, device=rows.device)
+    for s in range(0, m, chunk):
+        e = min(m, s + chunk)
+        iou = box_iou(xyxy[s:e], xyxy)
+        own = torch.arange(s, e, device=rows.device).unsqueeze(1)
+        iou.masked_fill_(cols == own, 0.0)
+        if k > 0:
+            vals, idx = iou.topk(k, dim=1)
+            top_iou[s:e, :k] = vals
+            top_conf[s:e, :k] = rows[idx, 4] * (vals > 0)
+        crowd[s:e] = (iou > 0.4).sum(dim=1, dtype=rows.dtype)
+        # rows are sorted by confidence: boxes ranked above box j are the columns < j
+        max_higher[s:e] = iou.masked_fill_(cols >= own, 0.0).max(dim=1).values
+    size = torch.log((rows[:, 2] * rows[:, 3]).clamp_min(1e-8)) / 10.0
+    rank = torch.arange(m, device=rows.device, dtype=rows.dtype) / m
+    return torch.cat([rows, size[:, None], rank[:, None], top_iou, top_iou.mean(1, keepdim=True), top_conf,
+                      max_higher[:, None], torch.log1p(crowd)[:, None]], dim=1)
 
 
 class BoxStatsRanker(nn.Module):
