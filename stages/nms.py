@@ -56,8 +56,8 @@ def fuse(dets: pd.DataFrame, method: str, iou: float, keep: int, keep_singletons
         pairs = sorted(map(tuple, views.to_numpy().tolist()))
         raise ConfrankError(f"{source}: method 'single' needs a one-scale set, got (scale, flip) pairs {pairs}; use --method multi")
     codes, images = pd.factorize(dets["image_id"].astype(str), sort=True)
-    boxes = torch.from_numpy(dets[list(BOX_COLUMNS)].to_numpy(np.float64))
-    scores = torch.from_numpy(dets[column].to_numpy(np.float64))
+    boxes = torch.from_numpy(dets[list(BOX_COLUMNS)].to_numpy(np.float64, copy=True))
+    scores = torch.from_numpy(dets[column].to_numpy(np.float64, copy=True))
     groups = torch.from_numpy(codes.astype(np.int64))
     if method == "multi" or (method != "single" and len(views) > 1):
         out_boxes, out_scores, out_groups = box_voting(boxes, scores, groups, iou, keep, keep_singletons)

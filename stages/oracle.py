@@ -78,9 +78,9 @@ def annotate(dets: pd.DataFrame, gt: pd.DataFrame) -> pd.DataFrame:
     codes, uniques = pd.factorize(pd.concat([image_ids, gt["image_id"]], ignore_index=True), sort=True)
     det_codes, gt_codes = codes[: len(dets)], codes[len(dets):]
     order = np.lexsort((gt["gt_id"].to_numpy(), gt_codes))
-    gt_boxes = torch.from_numpy(gt[list(BOX_COLUMNS)].to_numpy(np.float64)[order])
+    gt_boxes = torch.from_numpy(gt[list(BOX_COLUMNS)].to_numpy(np.float64, copy=True)[order])
     iou, row = oracle_iou(
-        torch.from_numpy(dets[list(BOX_COLUMNS)].to_numpy(np.float64)), torch.from_numpy(det_codes.astype(np.int64)),
+        torch.from_numpy(dets[list(BOX_COLUMNS)].to_numpy(np.float64, copy=True)), torch.from_numpy(det_codes.astype(np.int64)),
         gt_boxes, torch.from_numpy(gt_codes[order].astype(np.int64)),
     )
     row = row.numpy()
