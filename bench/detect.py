@@ -1,0 +1,107 @@
+"""Detector throughput: images/s of the detect loop against a naive per-image loop.
+
+For each detector with weights in the cache (``CONFRANK_WEIGHTS`` or ``--weights DIR``):
+
+- ``original``: ``--n`` real widerface416 images (416x416) at their own size;
+- ``8k``: ``--n8k`` real full-resolution WiderFace images (widerface-val34) resized so the
+  long edge is 7680 px.
+
+The measured path is :class:`pipeline.detect.DetectLoop` (batches of equal input size,
+resize with torch on the detector's device, vectorised prior boxes cached per size, decode
+on the device, ``inference_mode``). The baseline, measured in the same run on the same
+decoded images, is the reference test script's loop: one image at a time, cv2 float resize
+on the CPU, prior boxes from the Python loop, decode, threshold and sort. Each path runs once
+untimed first (warm-up; it also fills the prior cache, as a shard of many images would).
+JPEG decoding is not timed (the stage does it in DataLoader workers).
+
+Run: ``.venv/bin/python bench/detect.py [--device cpu|cuda] [--n 8] [--n8k 1] [--threads 2]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.detect import Decoded, DetectLoop  # noqa: E402
+from pipeline.detectors import registry, weights as weights_cache  # noqa: E402
+from pipeline.detectors.priors import BGR_MEAN, PriorBoxDetector, decode_boxes, prior_boxes_loop  # noqa: E402
+from pipeline.imaging import decode_image, resize_cv2, to_chw_tensor  # noqa: E402
+from pipeline.scales import Scale, scale_set  # noqa: E402
+
+SHARED = Path(os.environ.get("CONFRANK_SHARED", Path(__file__).resolve().parent.parent.parent / "shared"))
+DETECTORS = ("retinaface-mnet025", "retinaface-mnet025-1mb", "slim", "rfb")
+
+
+def naive(detector: PriorBoxDetector, images: list[Decoded], scale: Scale) -> None:
+    """The reference per-image loop (CPU resize, Python prior loop), on the detector's device."""
+    mean = torch.tensor(BGR_MEAN).view(3, 1, 1)
+    for item in images:
+        size = scale.input_size(*item.size)
+        pixels = resize_cv2(item.pixels.permute(1, 2, 0).numpy(), size)
+        x = (torch.from_numpy(pixels).permute(2, 0, 1) - mean)[None].to(detector.device)
+        with torch.no_grad():
+            loc, logits, _ = detector.net(x)
+        priors = prior_boxes_loop(size[1], size[0], detector.config).to(detector.device)
+        boxes = decode_boxes(loc[0], priors, detector.config.variances) * torch.tensor([*size, *size], device=detector.device)
+        scores = torch.softmax(logits[0], -1)[:, 1]
+        keep = scores > detector.min_score
+        order = scores[keep].argsort(descending=True)[: detector.top_k]
+        boxes[keep][order].cpu()
+
+
+def timed(fn, images: list[Decoded]) -> float:
+    """Images per second of one call of ``fn`` over ``images`` (after one warm-up image)."""
+    fn(images[:1])
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn(images)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return len(images) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--n", type=int, default=8, help="images at original size")
+    parser.add_argument("--n8k", type=int, default=1, help="images at 8K (slow on a CPU)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--detectors", default=",".join(DETECTORS))
+    parser.add_argument("--weights", type=Path, default=None, help="weights folder (default: the cache)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    small = sorted((SHARED / "widerface416" / "WIDER_val" / "images").glob("*/*.jpg"))[: args.n]
+    large = sorted((SHARED / "widerface-val34" / "WIDER_val" / "images").glob("*/*.jpg"))[: args.n8k]
+    sets = {"original": [Decoded(p.stem, to_chw_tensor(decode_image(p))) for p in small],
+            "8k": [Decoded(p.stem, to_chw_tensor(decode_image(p))) for p in large]}
+    print(f"device {device}, {args.threads} threads; original: {len(sets['original'])} images 416x416, "
+          f"8k: {len(sets['8k'])} images {[d.size for d in sets['8k']]} -> long edge 7680")
+    print(f"{'detector':24s} {'scales':9s} {'naive img/s':>12s} {'loop img/s':>11s} {'ratio':>6s}")
+    for name in args.detectors.split(","):
+        info = registry.get_info(name)
+        files = ({w: args.weights / f"{w}.pth" for w in info.weights} if args.weights
+                 else weights_cache.resolve(info.weights))
+        detector = registry.build(name, files, device)
+        for scales, images in sets.items():
+            if not images:
+                continue
+            scale = scale_set(scales)[0]
+            base = timed(lambda imgs: naive(detector, imgs, scale), images)
+            loop = DetectLoop(detector, [scale], batch_size=args.batch_size)
+            ours = timed(loop.run, images)
+            print(f"{name:24s} {scales:9s} {base:12.3f} {ours:11.3f} {ours / base:6.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
