@@ -104,9 +104,15 @@ def load_state_dict(path: Path, model: nn.Module) -> None:
 
     Raises :class:`FormatError` naming the file when keys or shapes do not match.
     """
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a file that is not a checkpoint
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise FormatError(path, "a PyTorch checkpoint (state dict)", got=f"{type(exc).__name__}: {first}") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise FormatError(path, f"a {type(model).__name__} state dict", got=type(state).__name__)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     try:
         model.load_state_dict(state, strict=True)
