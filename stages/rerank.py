@@ -36,7 +36,8 @@ def load_ranker(path: Path, device: torch.device) -> tuple[torch.nn.Module, Rank
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a foreign or corrupt file
-        raise ConfrankError(f"{path}: not a confrank ranker model ({type(exc).__name__}: {exc})") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ConfrankError(f"{path}: not a confrank ranker model ({type(exc).__name__}: {first})") from exc
     model, config = model_from_payload(payload, str(path))
     return model.to(device).eval(), config
 

@@ -183,7 +183,12 @@ def load_checkpoint(path: Path, run_config: dict[str, Any]) -> dict[str, Any] | 
     """The checkpoint's trainer state when it belongs to this exact run; None when absent."""
     if not path.is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # empty, truncated or foreign file; EOFError would read as "Aborted."
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ConfrankError(f"{path}: not a confrank ranker checkpoint ({type(exc).__name__}: {first}); "
+                            "move it away to train from scratch") from exc
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ConfrankError(f"{path}: not a confrank ranker checkpoint; move it away to train from scratch")
     if state["run_config"] != run_config:
