@@ -269,7 +269,7 @@ rule rerank:
 
 
 NMS_ARGS = " ".join([
-    flag("iou", POST["nms_iou"]), flag("vote-iou", POST["vote_iou"]), flag("keep-top", POST["keep_top"]),
+    flag("iou", POST["iou"]), flag("keep", POST["keep"]),
     "--keep-singletons" if POST["keep_singletons"] else "--drop-singletons",
 ])
 
@@ -350,7 +350,6 @@ rule evaluate_method:
         method=r"single|multi|oracle|rank-[^/]+",
     params:
         method=evaluate_method_args,
-        dask=DASK,
         code=code_hash("stages.evaluate"),
     log:
         "logs/evaluate/{dataset}/{detector}/{scales}/{method}.log",
@@ -360,7 +359,16 @@ rule evaluate_method:
         runtime=30,
     shell:
         ENV + "{CONFRANK} evaluate --dataset {wildcards.dataset} --detector {wildcards.detector}"
-        " --scales {wildcards.scales} {params.method} --format json {params.dask} > {log} 2>&1"
+        " --scales {wildcards.scales} {params.method} --format json > {log} 2>&1"
+
+
+REPORT_SETTINGS = {
+    "postprocess": POST,
+    "report": config["report"],
+    "rankers": {name: RANKERS[name] for name in used_rankers(config)},
+    "expected": [list(r) for r in RESULTS],
+    "config_hash": CONFIG_HASH,
+}
 
 
 rule report:
@@ -370,10 +378,10 @@ rule report:
     output:
         html=report(T("report_dir") + "/report.html", category="Report"),
         md=T("report_dir") + "/report.md",
+        figures=report(directory(T("report_dir") + "/figures"), patterns=["{name}.png"], category="Figures"),
     params:
         out=shlex.quote(T("report_dir")),
-        settings=shlex.quote(json.dumps({k: config[k] for k in ("postprocess", "report")}, sort_keys=True)),
-        config_hash=CONFIG_HASH,
+        settings=shlex.quote(json.dumps(REPORT_SETTINGS, sort_keys=True)),
         code=code_hash("stages.report"),
     log:
         "logs/report.log",

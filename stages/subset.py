@@ -33,7 +33,8 @@ def write_subset(layout: Layout, parent: str, name: str, max_images: int) -> int
     config = {"parent": parent, "name": name, "max_images": max_images}
     for kind, frame, src, dst in (("images", images, src_images, layout.images(name)), ("gt", gt, src_gt, layout.gt(name))):
         part = frame[frame["image_id"].astype(str).isin(keep)]
-        meta = provenance("subset", config, inputs=[src], table=kind, dataset=name, parent_meta=read_metadata(src))
+        # keep the parent's keys (its dataset root above all: image paths are relative to it)
+        meta = {**read_metadata(src), **provenance("subset", config, inputs=[src], dataset=name, parent=parent)}
         order = [("image_id", "ascending")] + ([("gt_id", "ascending")] if kind == "gt" else [])
         write_table(part, dst, kind, meta, sort_by=order)
     return len(keep)
