@@ -28,7 +28,7 @@ configfile: str(Path(workflow.basedir) / "config" / "config.yaml")
 validate_config(config, load_schema(), source="config")
 validate(config, str(SCHEMA))
 
-L = Layout(Path(config["data_dir"]))
+L = Layout.from_env(config["data_dir"])
 DATASETS = config["datasets"]
 RANKERS = config["rankers"]
 POST = config["postprocess"]

@@ -139,11 +139,19 @@ def latency_ms(latency: pd.DataFrame) -> float:
 # ----------------------------------------------------------------------------- rendering
 
 
+def _cells(table: pd.DataFrame) -> pd.DataFrame:
+    """Every cell as text; None/NaN as ``—``."""
+    def text(value: Any) -> str:
+        return MISSING if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
+
+    return table.astype(object).map(text)
+
+
 def to_markdown(table: pd.DataFrame) -> str:
     """A GitHub-flavoured markdown table (every cell as text)."""
     if table.empty:
         return "_no results_\n"
-    cells = table.astype(str).replace({"nan": MISSING, "None": MISSING})
+    cells = _cells(table)
     head = "| " + " | ".join(map(str, table.columns)) + " |"
     rule = "|" + "|".join("---" for _ in table.columns) + "|"
     body = ["| " + " | ".join(row) + " |" for row in cells.itertuples(index=False, name=None)]
@@ -154,7 +162,7 @@ def to_html(table: pd.DataFrame) -> str:
     """An HTML table (every cell escaped)."""
     if table.empty:
         return "<p><em>no results</em></p>\n"
-    cells = table.astype(str).replace({"nan": MISSING, "None": MISSING})
+    cells = _cells(table)
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in table.columns)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>\n"
                    for row in cells.itertuples(index=False, name=None))
