@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
+from tqdm import tqdm
 
 from pipeline.errors import ConfrankError, FormatError, MissingInputError
 from pipeline.ranker.data import RankerDataset, TrainImage, box_groups, split_half
@@ -175,8 +176,10 @@ def plot_log(log: pd.DataFrame, path: Path, title: str) -> None:
 
 
 def save_torch(obj: Any, path: Path) -> None:
-    with atomic_output(path) as tmp:
-        torch.save(obj, tmp)
+    # through a file object: given a path, torch.save names the zip's root folder after the
+    # (random) temporary file name, and the same model would give different bytes
+    with atomic_output(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
 
 
 def load_checkpoint(path: Path, run_config: dict[str, Any]) -> dict[str, Any] | None:
@@ -239,7 +242,8 @@ def train_ranker(layout: Layout, ranker: str, datasets: list[str], detectors: li
             sampler=range(trainer.step * train_cfg.batch_size, last * train_cfg.batch_size),
             num_workers=workers, pin_memory=dev.type == "cuda",
             generator=torch.Generator().manual_seed(train_cfg.seed))
-        trainer.run(loader, on_step)
+        progress = tqdm(loader, desc=f"train {ranker}", unit="step", initial=trainer.step, total=last, disable=None)
+        trainer.run(progress, on_step)
     if not trainer.done:
         return trainer
     meta = provenance("train", run_config, inputs=inputs)
