@@ -19,6 +19,8 @@ from torchvision.ops import nms as _torchvision_nms
 
 #: IoU matrix entries computed at once when assigning boxes to voting clusters
 _CHUNK = 1 << 22
+#: seeds per step of the voting assignment (it stops once ``keep`` clusters are certain)
+_BLOCK = 256
 
 
 def _shifted(boxes: torch.Tensor) -> torch.Tensor:
@@ -99,7 +101,10 @@ def box_voting(
                 torch.zeros(0, dtype=torch.int64, device=device))
     order = _order(scores, groups)
     boxes, scores, groups = boxes[order].to(torch.float64), scores[order].to(torch.float64), groups[order]
-    seeds, cluster = _clusters(boxes, scores, groups, iou)
+    seeds, cluster = _clusters(boxes, groups, iou, keep, keep_singletons)
+    member = cluster >= 0  # boxes of clusters beyond the first ``keep`` emitted are left out
+    boxes, scores, groups, cluster = boxes[member], scores[member], groups[member], cluster[member]
+    seeds = torch.searchsorted(torch.nonzero(member).flatten(), seeds)
     n_clusters = len(seeds)
     size = torch.bincount(cluster, minlength=n_clusters)
     weight_sum = torch.zeros(n_clusters, dtype=torch.float64, device=device).index_add_(0, cluster, scores)
@@ -115,7 +120,7 @@ def box_voting(
     return fused[index], scores[seeds[index]], seed_groups[index]
 
 
-def _clusters(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _clusters(boxes: torch.Tensor, groups: torch.Tensor, iou: float, keep: int, keep_singletons: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy clusters of boxes sorted by (group, score desc).
 
     Returns (seeds, cluster): the positions of the cluster seeds in order, and for every
@@ -124,32 +129,49 @@ def _clusters(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, i
     threshold, so it gets the float64 just below ``iou``); a box belongs to the first seed
     ranked above it with IoU >= ``iou``, the one whose cluster removed it. Both use the same
     IoU arithmetic (torchvision's, on +1-shifted float64 boxes) so they agree exactly.
+
+    Seeds are visited in blocks; once a group has ``keep`` clusters that will be emitted,
+    its later seeds are not returned and its still unassigned boxes get cluster -1.
     """
     threshold = math.nextafter(iou, -math.inf)
     shifted = _shifted(boxes)
-    cluster = torch.empty(len(boxes), dtype=torch.int64, device=boxes.device)
+    device = boxes.device
+    cluster = torch.full((len(boxes),), -1, dtype=torch.int64, device=device)
     seeds = []
     n_seeds = 0
-    starts = torch.nonzero(torch.cat([torch.ones(1, dtype=torch.bool, device=groups.device), groups[1:] != groups[:-1]])).flatten()
-    ends = torch.cat([starts[1:], torch.tensor([len(groups)], device=groups.device)])
+    starts = torch.nonzero(torch.cat([torch.ones(1, dtype=torch.bool, device=device), groups[1:] != groups[:-1]])).flatten()
+    ends = torch.cat([starts[1:], torch.tensor([len(groups)], device=device)])
     for lo, hi in zip(starts.tolist(), ends.tolist()):
         group_boxes = shifted[lo:hi]
-        kept = torch.sort(_torchvision_nms(group_boxes, scores[lo:hi], threshold)).values
-        ids = torch.arange(hi - lo, device=boxes.device)
-        is_seed = torch.zeros(hi - lo, dtype=torch.bool, device=boxes.device)
+        kept = torch.sort(_torchvision_nms(group_boxes, torch.zeros(hi - lo, dtype=torch.float64, device=device)
+                                           - torch.arange(hi - lo, dtype=torch.float64, device=device), threshold)).values
+        is_seed = torch.zeros(hi - lo, dtype=torch.bool, device=device)
         is_seed[kept] = True
-        local = torch.empty(hi - lo, dtype=torch.int64, device=boxes.device)
-        local[kept] = torch.arange(len(kept), device=boxes.device)
-        others = ids[~is_seed]
-        step = max(1, _CHUNK // max(1, len(kept)))
-        for start in range(0, len(others), step):
-            part = others[start:start + step]
-            overlap = box_iou(group_boxes[part], group_boxes[kept]) > threshold
-            overlap &= kept[None, :] < part[:, None]
-            local[part] = overlap.to(torch.uint8).argmax(dim=1)
-        cluster[lo:hi] = local + n_seeds
-        seeds.append(kept + lo)
-        n_seeds += len(kept)
+        local = torch.full((hi - lo,), -1, dtype=torch.int64, device=device)
+        local[kept] = torch.arange(len(kept), device=device)
+        pending = torch.nonzero(~is_seed).flatten()
+        emitted, used = 0, len(kept)
+        for b0 in range(0, len(kept), _BLOCK):
+            block = kept[b0:b0 + _BLOCK]
+            pending = pending[pending > block[0]]  # boxes ranked above the block are assigned already
+            found = []
+            step = max(1, _CHUNK // len(block))
+            for start in range(0, len(pending), step):
+                part = pending[start:start + step]
+                overlap = (box_iou(group_boxes[part], group_boxes[block]) > threshold) & (block[None, :] < part[:, None])
+                hit = overlap.any(dim=1)
+                local[part[hit]] = b0 + overlap[hit].to(torch.uint8).argmax(dim=1)
+                found.append(part[~hit])
+            pending = torch.cat(found) if found else pending
+            sizes = torch.bincount(local[local >= b0] - b0, minlength=len(block))[: len(block)]
+            emitted += len(block) if keep_singletons else int((sizes > 1).sum())
+            if emitted >= keep:
+                used = b0 + len(block)
+                break
+        local[local >= used] = -1
+        cluster[lo:hi] = torch.where(local >= 0, local + n_seeds, -1)
+        seeds.append(kept[:used] + lo)
+        n_seeds += used
     return torch.cat(seeds), cluster
 
 

@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import pipeline.boxes as boxes_module
 from pipeline.boxes import box_voting, iou_plus_one, nms, oracle_iou
 
 
@@ -69,16 +70,20 @@ def test_nms_equals_brute_force_per_image(seed, n, integer, thr, keep):
     assert got.tolist() == want
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.integers(0, 10**6), st.integers(1, 150), st.booleans(), st.booleans())
-def test_voting_equals_reference_loop(seed, n, integer, keep_singletons):
+@settings(max_examples=80, deadline=None)
+@given(st.integers(0, 10**6), st.integers(1, 150), st.booleans(), st.booleans(), st.sampled_from([2, 5, 750]), st.sampled_from([1, 3, 256]))
+def test_voting_equals_reference_loop(seed, n, integer, keep_singletons, keep, block):
     boxes, scores = random_boxes(seed, n, integer)
-    groups = np.random.default_rng(seed + 1).integers(0, 2, n)
-    got_boxes, got_scores, got_groups = box_voting(torch.tensor(boxes), torch.tensor(scores), torch.tensor(groups),
-                                                   0.4, 20, keep_singletons)
-    for g in range(2):
+    groups = np.random.default_rng(seed + 1).integers(0, 3, n)
+    saved, boxes_module._BLOCK = boxes_module._BLOCK, block  # exercise the early stop across seed blocks
+    try:
+        got_boxes, got_scores, got_groups = box_voting(torch.tensor(boxes), torch.tensor(scores), torch.tensor(groups),
+                                                       0.4, keep, keep_singletons)
+    finally:
+        boxes_module._BLOCK = saved
+    for g in range(3):
         members = groups == g
-        want = brute_vote(boxes[members], scores[members], 0.4, 20, keep_singletons) if members.any() else np.zeros((0, 5))
+        want = brute_vote(boxes[members], scores[members], 0.4, keep, keep_singletons) if members.any() else np.zeros((0, 5))
         mine = got_groups.numpy() == g
         np.testing.assert_allclose(got_boxes.numpy()[mine], want[:, :4], rtol=0, atol=1e-9)
         np.testing.assert_array_equal(got_scores.numpy()[mine], want[:, 4])
