@@ -44,9 +44,10 @@ CONFRANK = shlex.quote(str(_exe)) if _exe.is_file() else f"{PYTHON} -m pipeline.
 ENV = (
     "export CONFRANK_RULE={rule}"
     + " CONFRANK_DATA_DIR=" + shlex.quote(str(L.root))
-    + ("" if config["weights_dir"] is None else " CONFRANK_WEIGHTS=" + shlex.quote(config["weights_dir"]))
     + "; "
 )
+# only detect reads weights; a `weights` param reruns it when the folder changes
+WEIGHTS_ENV = "" if config["weights_dir"] is None else "CONFRANK_WEIGHTS=" + shlex.quote(config["weights_dir"]) + " "
 DEVICE = "" if config["device"] == "auto" else f"--device {config['device']}"
 DASK = "" if config["dask_scheduler"] is None else f"--dask-scheduler {shlex.quote(config['dask_scheduler'])}"
 
@@ -73,10 +74,6 @@ def T(method, *args):
 
 def detection_shards(ds, det, sset):
     return [T("detections", ds, det, sset, k) for k in range(DATASETS[ds]["shards"])]
-
-
-def latency_shards(ds, det, sset):
-    return [T("latency", ds, det, sset, k) for k in range(DATASETS[ds]["shards"])]
 
 
 def metrics_files(results):
@@ -189,7 +186,7 @@ rule detect_shard:
         mem_mb=16000,
         runtime=120,
     shell:
-        ENV + "{CONFRANK} detect --dataset {wildcards.dataset} --detector {wildcards.detector}"
+        ENV + WEIGHTS_ENV + "{CONFRANK} detect --dataset {wildcards.dataset} --detector {wildcards.detector}"
         " --scales {wildcards.scales} --shard {wildcards.shard}/{params.shards} {DEVICE} > {log} 2>&1"
 
 

@@ -14,6 +14,7 @@ bar over the DAG's jobs and one summary line per finished job (the last line of 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -71,6 +72,19 @@ def shared_config(root: Path, weights: Path) -> dict[str, Any]:
     }
 
 
+def summarise(line: str) -> str:
+    """A log's last line for the terminal; evaluate's JSON becomes its APs."""
+    try:
+        result = json.loads(line)
+    except ValueError:
+        return line
+    if not isinstance(result, dict):
+        return line
+    if "ap" in result:
+        return "AP " + "  ".join(f"{k} {100 * result['ap'][k]:.1f}" for k in ("easy", "medium", "hard"))
+    return f"VOC AP {100 * result['voc_ap']:.1f}" if "voc_ap" in result else line
+
+
 class Progress:
     """Follows snakemake's output: a bar over jobs, one line per finished job."""
 
@@ -109,7 +123,7 @@ class Progress:
         log = Path(job.get("log", "").split(",")[0].strip()) if job.get("log") else None
         if log and log.is_file():
             lines = [ln.strip() for ln in re.split(r"[\r\n]", log.read_text(errors="replace")) if ln.strip()]
-            last = lines[-1] if lines else ""
+            last = summarise(lines[-1]) if lines else ""
         self.bar.write(f"{job['rule']:<15} {what:<60} {last}"[:200])
 
 
