@@ -21,6 +21,8 @@ from torchvision.ops import nms as _torchvision_nms
 _CHUNK = 1 << 22
 #: seeds per step of the voting assignment (it stops once ``keep`` clusters are certain)
 _BLOCK = 256
+#: boxes per image given to NMS at first when looking for voting seeds (doubled as needed)
+_PREFIX = 1024
 
 
 def _shifted(boxes: torch.Tensor) -> torch.Tensor:
@@ -143,31 +145,38 @@ def _clusters(boxes: torch.Tensor, groups: torch.Tensor, iou: float, keep: int, 
     ends = torch.cat([starts[1:], torch.tensor([len(groups)], device=device)])
     for lo, hi in zip(starts.tolist(), ends.tolist()):
         group_boxes = shifted[lo:hi]
-        kept = torch.sort(_torchvision_nms(group_boxes, torch.zeros(hi - lo, dtype=torch.float64, device=device)
-                                           - torch.arange(hi - lo, dtype=torch.float64, device=device), threshold)).values
-        is_seed = torch.zeros(hi - lo, dtype=torch.bool, device=device)
-        is_seed[kept] = True
-        local = torch.full((hi - lo,), -1, dtype=torch.int64, device=device)
-        local[kept] = torch.arange(len(kept), device=device)
-        pending = torch.nonzero(~is_seed).flatten()
-        emitted, used = 0, len(kept)
-        for b0 in range(0, len(kept), _BLOCK):
-            block = kept[b0:b0 + _BLOCK]
-            pending = pending[pending > block[0]]  # boxes ranked above the block are assigned already
-            found = []
-            step = max(1, _CHUNK // len(block))
-            for start in range(0, len(pending), step):
-                part = pending[start:start + step]
-                overlap = (box_iou(group_boxes[part], group_boxes[block]) > threshold) & (block[None, :] < part[:, None])
-                hit = overlap.any(dim=1)
-                local[part[hit]] = b0 + overlap[hit].to(torch.uint8).argmax(dim=1)
-                found.append(part[~hit])
-            pending = torch.cat(found) if found else pending
-            sizes = torch.bincount(local[local >= b0] - b0, minlength=len(block))[: len(block)]
-            emitted += len(block) if keep_singletons else int((sizes > 1).sum())
-            if emitted >= keep:
+        n = hi - lo
+        rank_scores = -torch.arange(n, dtype=torch.float64, device=device)  # keeps our (stable) order
+        local = torch.full((n,), -1, dtype=torch.int64, device=device)
+        is_seed = torch.zeros(n, dtype=torch.bool, device=device)
+        pending = torch.arange(n, device=device)
+        used, emitted, prefix = 0, 0, min(n, max(_PREFIX, 4 * keep))
+        while True:
+            # greedy NMS decisions depend only on higher-ranked boxes: the seeds among the
+            # first ``prefix`` boxes are those of NMS on that prefix
+            kept = torch.sort(_torchvision_nms(group_boxes[:prefix], rank_scores[:prefix], threshold)).values
+            local[kept[used:]] = torch.arange(used, len(kept), device=device)
+            is_seed[kept] = True
+            pending = pending[~is_seed[pending]]
+            for b0 in range(used, len(kept), _BLOCK):
+                block = kept[b0:b0 + _BLOCK]
+                found = []
+                step = max(1, _CHUNK // len(block))
+                for start in range(0, len(pending), step):
+                    part = pending[start:start + step]
+                    overlap = (box_iou(group_boxes[part], group_boxes[block]) > threshold) & (block[None, :] < part[:, None])
+                    hit = overlap.any(dim=1)
+                    local[part[hit]] = b0 + overlap[hit].to(torch.uint8).argmax(dim=1)
+                    found.append(part[~hit])
+                pending = torch.cat(found) if found else pending
+                sizes = torch.bincount(local[local >= b0] - b0)[: len(block)]
+                emitted += len(block) if keep_singletons else int((sizes > 1).sum())
                 used = b0 + len(block)
+                if emitted >= keep:
+                    break
+            if emitted >= keep or prefix == n:
                 break
+            prefix = min(n, 2 * prefix)
         local[local >= used] = -1
         cluster[lo:hi] = torch.where(local >= 0, local + n_seeds, -1)
         seeds.append(kept[:used] + lo)

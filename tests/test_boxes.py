@@ -75,12 +75,14 @@ def test_nms_equals_brute_force_per_image(seed, n, integer, thr, keep):
 def test_voting_equals_reference_loop(seed, n, integer, keep_singletons, keep, block):
     boxes, scores = random_boxes(seed, n, integer)
     groups = np.random.default_rng(seed + 1).integers(0, 3, n)
-    saved, boxes_module._BLOCK = boxes_module._BLOCK, block  # exercise the early stop across seed blocks
+    # small blocks and prefixes exercise the early stop and the growing NMS prefix
+    saved = boxes_module._BLOCK, boxes_module._PREFIX
+    boxes_module._BLOCK, boxes_module._PREFIX = block, 1 if block < 256 else 1024
     try:
         got_boxes, got_scores, got_groups = box_voting(torch.tensor(boxes), torch.tensor(scores), torch.tensor(groups),
                                                        0.4, keep, keep_singletons)
     finally:
-        boxes_module._BLOCK = saved
+        boxes_module._BLOCK, boxes_module._PREFIX = saved
     for g in range(3):
         members = groups == g
         want = brute_vote(boxes[members], scores[members], 0.4, keep, keep_singletons) if members.any() else np.zeros((0, 5))
