@@ -69,14 +69,27 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
             yield number, line.strip()
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _floats(path: Path, number: int, text: str, count: int | None, what: str) -> list[float]:
     fields = text.split()
     if count is not None and len(fields) != count:
         raise FormatError(path, f"{count} numbers ({what})", line=number, got=text)
     try:
-        return [float(f) for f in fields]
+        values = [float(f) for f in fields]
     except ValueError:
         raise FormatError(path, f"numbers ({what})", line=number, got=text) from None
+    if not all(abs(v) <= _FLOAT32_MAX for v in values):  # also false for NaN
+        raise FormatError(path, f"finite numbers ({what})", line=number, got=text)
+    return values
+
+
+def _codes(path: Path, number: int, text: str, values: list[float]) -> list[int]:
+    """Attribute values as int8 codes; FormatError on a fraction or an out-of-range value."""
+    if not all(v == int(v) and -128 <= v <= 127 for v in values):
+        raise FormatError(path, "integer attribute codes in -128..127", line=number, got=text)
+    return [int(v) for v in values]
 
 
 def _gt_frame(rows: list[dict], with_landmarks: bool = False) -> pd.DataFrame:
@@ -134,7 +147,7 @@ def parse_split_txt(path: str | Path) -> Annotations:
             if count == 0 and any(values):
                 raise FormatError(path, "an all-zero line after a count of 0", line=face_number, got=face_text)
             x, y, w, h = values[:4]
-            rows.append(_face_row(image_id, gt_id, x, y, w, h, [int(v) for v in values[4:]]))
+            rows.append(_face_row(image_id, gt_id, x, y, w, h, _codes(path, face_number, face_text, values[4:])))
     return Annotations(_images_frame(ids, files), _gt_frame(rows))
 
 
@@ -232,7 +245,9 @@ def parse_retinaface_labels(path: str | Path) -> Annotations:
         if len(values) not in (4, 19, 20, 21):
             raise FormatError(path, "4, 19, 20 or 21 numbers (x y w h [15 landmark values [extra flag] [blur]])", line=number, got=text)
         x, y, w, h = values[:4]
-        blur = int(values[-1]) if len(values) >= 20 else -1
+        blur = int(values[-1]) if len(values) >= 20 else -1  # train files hold a float here
+        if not -128 <= blur <= 127:
+            raise FormatError(path, "a final value in -128..127", line=number, got=text)
         row = _face_row(current, gt_id, x, y, w, h, [blur, -1, -1, -1, -1, -1])
         marks = values[4:19] if len(values) >= 19 else [-1.0] * 15
         for i in range(5):
