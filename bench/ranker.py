@@ -135,7 +135,7 @@ def main() -> None:
             lat[label] = (base, fast)
         rows.append((name, params_mb, file_mb, base_train, train, lat))
         paper = f"{PAPER_MB[name]} MB" if PAPER_MB[name] else "-"
-        print(f"{name:9s} size {params_mb:7.1f} MB params, model.pt {file_mb:7.1f} MB (paper {paper})")
+        print(f"{name:9s} size {params_mb:8.3f} MB params, model.pt {file_mb:8.3f} MB (paper {paper})")
         print(f"{'':9s} train  {train:8.2f} samples/s at batch {args.batch}  vs {base_train:8.2f} at batch 1"
               f"  ({train / base_train:.2f}x)")
         for label, (base, fast) in lat.items():

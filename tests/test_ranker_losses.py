@@ -102,3 +102,11 @@ def test_margin_pushes_pairs_apart():
     mask = torch.ones(1, 2, dtype=torch.bool)
     pred = torch.tensor([[0.6, 0.4]])
     assert pairwise_loss(pred, oracle, mask, 1, margin=1.0) > pairwise_loss(pred, oracle, mask, 1)
+
+
+def test_pair_accuracy_counts_ties_as_half():
+    oracle = torch.tensor([[0.9, 0.5, 0.2]])
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    assert pair_accuracy(torch.tensor([[0.0, 0.0, 0.0]]), oracle, mask) == 0.5
+    assert pair_accuracy(torch.tensor([[0.9, 0.1, 0.5]]), oracle, mask) == 0.5
+    assert math.isnan(pair_accuracy(torch.zeros(1, 3), torch.zeros(1, 3), mask))

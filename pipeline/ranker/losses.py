@@ -76,9 +76,11 @@ def ranker_loss(kind: str, pred: torch.Tensor, oracle: torch.Tensor, mask: torch
 
 @torch.no_grad()
 def pair_accuracy(pred: torch.Tensor, oracle: torch.Tensor, mask: torch.Tensor) -> float:
-    """Fraction of neighbour pairs (k = 1, oracle not tied) whose predicted order is strictly
-    the oracle order; NaN when the batch has no such pair."""
+    """Share of neighbour pairs (k = 1, oracle not tied) that the refined confidences put in
+    the oracle order, a tie in c' counting one half (as in AUC; clipping to [0, 1] makes
+    ties); NaN when the batch has no such pair."""
     d, sign, _ = _pairs(pred.float(), oracle.float(), mask, 1)
     if d.numel() == 0:
         return float("nan")
-    return float((torch.sign(d) == sign).float().mean())
+    agree = torch.sign(d) * sign  # +1 right order, 0 tie, -1 wrong
+    return float(((agree + 1) / 2).mean())

@@ -246,7 +246,10 @@ class BoxStatsRanker(nn.Module):
     def forward(self, image: torch.Tensor | None, boxes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         boxes = _masked(boxes, mask)
         feats = box_statistics(boxes, mask, self.config.stats_topk)
-        return _finish(self.mlp(feats).squeeze(-1), boxes, mask)
+        real = mask.nonzero(as_tuple=True)  # the MLP runs on real boxes only
+        residual = boxes.new_zeros(mask.shape)
+        residual[real] = self.mlp(feats[real]).squeeze(-1).to(residual.dtype)
+        return _finish(residual, boxes, mask)
 
 
 def build_ranker(config: RankerConfig, pretrained: bool = False) -> nn.Module:
