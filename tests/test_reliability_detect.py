@@ -155,7 +155,7 @@ def test_kill_while_writing_keeps_the_old_file_and_stale_temporaries_are_harmles
     detections, latency = outputs(layout)
     # an older shard (written by other code: different provenance) that the run replaces
     detections.parent.mkdir(parents=True)
-    old = read_table_bytes_of_empty_shard(detections)
+    old = write_older_shard(detections)
     kill_at("mid-write", layout.root, weights_dir)
     assert detections.read_bytes() == old  # the final name still holds the old, complete file
     stale = temporaries(detections.parent) + temporaries(latency.parent)
@@ -172,7 +172,7 @@ def test_kill_while_writing_keeps_the_old_file_and_stale_temporaries_are_harmles
     assert not computed  # complete now: a third run skips it
 
 
-def read_table_bytes_of_empty_shard(path: Path) -> bytes:
+def write_older_shard(path: Path) -> bytes:
     from pipeline.shards import empty_frame, write_table
 
     write_table(empty_frame("detections"), path, "detections", {"stage": "detect", "code_version": "old"})
