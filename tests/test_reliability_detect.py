@@ -210,6 +210,8 @@ def test_full_disk_during_shard_write_leaves_no_shard(tmp_path, capsys, weights_
 
 
 # ----------------------------------------------------------------------------- GPU memory
+# test_detectors.py checks the retry order with a fake detector; here the real detector runs
+# and the boxes after a retry or a CPU fallback must equal those of a run that fits.
 
 
 class OutOfMemoryAbove:
@@ -272,12 +274,3 @@ def test_image_too_large_for_gpu_runs_on_cpu_copy(slim_and_images, caplog):
     pd.testing.assert_frame_equal(got, expected)
     assert len(loop.fallbacks) == 3 and built == [1]  # every image fell back; one CPU copy built
     assert "running it on the CPU" in caplog.text
-
-
-def test_out_of_memory_without_fallback_names_the_image(slim_and_images):
-    from pipeline.errors import ConfrankError
-
-    _, detector, images = slim_and_images
-    loop = DetectLoop(OutOfMemoryAbove(detector, limit=0), scale_set(SCALES), batch_size=1)
-    with pytest.raises(ConfrankError, match=f"{images[0].image_id}@0: out of GPU memory at input 416x416"):
-        loop.run(images)
