@@ -287,8 +287,6 @@ def _split(text: str) -> list[str]:
               help="Train only on the image ids listed in this file (one per line).")
 @click.option("--split-half", type=click.Choice(["first", "second"]),
               help="Train on one deterministic half of each dataset's sorted image ids.")
-@click.option("--plain-clip", is_flag=True, help="Clip c' with a plain clamp (no gradient outside [0, 1]) "
-              "instead of the default straight-through clip.")
 @click.option("--pretrained/--no-pretrained", default=False, show_default=True,
               help="Start the backbone from torchvision's ImageNet weights (from the torch hub cache or downloaded).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -299,12 +297,11 @@ def _split(text: str) -> list[str]:
 def cli(datasets: str, detectors: str, scales: str, ranker: str, iterations: int, backbone: str,
         image_branch: str, loss: str, n_pairs: int, margin: float, batch_size: int, lr: float,
         lr_final: float, num_boxes: int, image_size: int, checkpoint_every: int, log_every: int,
-        id_file: Path | None, split_half: str | None, plain_clip: bool, pretrained: bool, seed: int, device: str,
+        id_file: Path | None, split_half: str | None, pretrained: bool, seed: int, device: str,
         workers: int, data_dir: Path) -> None:
     """Train the confidence ranker; rerunning a killed job resumes from its checkpoint."""
     layout = Layout.from_env(data_dir)
-    model_cfg = RankerConfig(num_boxes=num_boxes, backbone=backbone, image_branch=image_branch, image_size=image_size,
-                             straight_through_clip=not plain_clip)
+    model_cfg = RankerConfig(num_boxes=num_boxes, backbone=backbone, image_branch=image_branch, image_size=image_size)
     train_cfg = TrainConfig(iterations=iterations, batch_size=batch_size, lr=lr, lr_final=lr_final,
                             loss=LOSS_ALIASES[loss], n_pairs=n_pairs, margin=margin, log_every=log_every, seed=seed)
     trainer = train_ranker(layout, ranker, _split(datasets), _split(detectors), scales, model_cfg, train_cfg,

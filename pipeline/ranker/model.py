@@ -63,7 +63,6 @@ class RankerConfig:
     image_size: int = 640
     stats_topk: int = 4
     hidden: int = 64
-    straight_through_clip: bool = True
 
     def __post_init__(self) -> None:
         if self.image_branch not in IMAGE_BRANCHES:
@@ -87,18 +86,9 @@ class RankerConfig:
         return asdict(self)
 
 
-def _finish(residual: torch.Tensor, boxes: torch.Tensor, mask: torch.Tensor,
-            straight_through: bool = True) -> torch.Tensor:
-    """c' = clip(c + residual, 0, 1) on real slots, 0 on padded ones. Shapes (B, N).
-
-    With ``straight_through`` the clip is applied in the forward pass only and the gradient
-    passes through it unchanged, so a box pushed below 0 (or above 1) still receives the
-    ranking loss's gradient; a plain clamp gives it none and many low boxes end up tied at 0.
-    """
-    raw = boxes[..., 4] + residual.float()
-    out = raw.clamp(0.0, 1.0)
-    if straight_through:
-        out = raw + (out - raw).detach()
+def _finish(residual: torch.Tensor, boxes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """c' = clip(c + residual, 0, 1) on real slots, 0 on padded ones. Shapes (B, N)."""
+    out = (boxes[..., 4] + residual.float()).clamp(0.0, 1.0)
     return out * mask.to(out.dtype)
 
 
@@ -182,7 +172,7 @@ class ConfRanker(nn.Module):
             merged[key] = torch.cat([f, tap], dim=1)
         pyramid = self.fpn(merged)
         residual = torch.stack([head(pyramid[k]) for head, k in zip(self.heads, sorted(pyramid))]).mean(0)
-        return _finish(residual, boxes, mask, self.config.straight_through_clip)
+        return _finish(residual, boxes, mask)
 
 
 def box_statistics(boxes: torch.Tensor, mask: torch.Tensor, topk: int = 4, chunk: int = 1024) -> torch.Tensor:
@@ -259,7 +249,7 @@ class BoxStatsRanker(nn.Module):
         real = mask.nonzero(as_tuple=True)  # the MLP runs on real boxes only
         residual = boxes.new_zeros(mask.shape)
         residual[real] = self.mlp(feats[real]).squeeze(-1).to(residual.dtype)
-        return _finish(residual, boxes, mask, self.config.straight_through_clip)
+        return _finish(residual, boxes, mask)
 
 
 def build_ranker(config: RankerConfig, pretrained: bool = False) -> nn.Module:
