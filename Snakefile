@@ -176,6 +176,7 @@ rule detect_shard:
         latency=T("latency", "{dataset}", "{detector}", "{scales}", "{shard}"),
     params:
         shards=lambda wc: DATASETS[wc.dataset]["shards"],
+        batch=lambda wc: flag("batch-size", config["detect"]["batch_size"].get(wc.scales)),
         weights=config["weights_dir"],
         code=code_hash("stages.detect"),
     log:
@@ -183,11 +184,13 @@ rule detect_shard:
     threads: 2
     resources:
         gpu=1,
-        mem_mb=16000,
+        # an 8K frame's activations take GBs on a CPU: with --resources mem_mb=... (the demo
+        # sets it) snakemake runs no more 8K shards at once than memory allows
+        mem_mb=lambda wc: 12000 if wc.scales.startswith("8k") else 4000,
         runtime=120,
     shell:
         ENV + WEIGHTS_ENV + "{CONFRANK} detect --dataset {wildcards.dataset} --detector {wildcards.detector}"
-        " --scales {wildcards.scales} --shard {wildcards.shard}/{params.shards} {DEVICE} > {log} 2>&1"
+        " --scales {wildcards.scales} --shard {wildcards.shard}/{params.shards} {params.batch} {DEVICE} > {log} 2>&1"
 
 
 rule oracle:

@@ -127,11 +127,17 @@ class Progress:
         self.bar.write(f"{job['rule']:<15} {what:<60} {last}"[:200])
 
 
+def available_mb() -> int:
+    """80 % of the machine's memory in MB: the budget snakemake schedules jobs' mem_mb against."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(0.8 * total / 2**20)
+
+
 def run(extra_args: list[str], config: dict[str, Any] | None, layout: Layout) -> int:
     """Run the DAG (config overrides written beside the demo log); returns snakemake's exit code."""
     demo_dir = layout.root / "demo"
     demo_dir.mkdir(parents=True, exist_ok=True)
-    args = ["--cores", str(os.cpu_count() or 1), *extra_args]
+    args = ["--cores", str(os.cpu_count() or 1), "--resources", f"mem_mb={available_mb()}", *extra_args]
     if config is not None:
         path = demo_dir / "config.yaml"
         write_text_atomic(path, yaml.safe_dump(config, sort_keys=False))
