@@ -183,3 +183,13 @@ def test_rerank_refuses_a_foreign_model(tmp_path):
     path.write_bytes(b"not a torch file")
     with pytest.raises(ConfrankError, match="not a confrank ranker"):
         rerank_stage.run_rerank(layout, "toy", "detA", "original", "alien", device="cpu")
+
+
+def test_rerank_with_an_image_model(tmp_path):
+    layout = Layout(tmp_path / "data")
+    make_dataset(tmp_path / "raw", layout, n_images=3)
+    _run(layout, "img", iterations=1)
+    written = rerank_stage.run_rerank(layout, "toy", "detA", "original", "img", device="cpu", batch_size=2)
+    out = read_tables(written, "detections")
+    assert len(out) == 3 * 40 and out["rank_score"].between(0, 1).all()
+    assert not np.array_equal(out["rank_score"].to_numpy(), out["score"].to_numpy())
