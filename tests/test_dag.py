@@ -22,9 +22,6 @@ from stages.run import ROOT, code_hash, module_closure, snakemake_command
 
 pytestmark = pytest.mark.xdist_group("dag")
 
-#: rules whose output is a folder
-DIRECTORY_RULES = {"sample", "oracle", "rerank"}
-
 TRIGGER_CONFIG = {
     "datasets": {"sample": {"source": "sample", "max_images": 2}},
     "rankers": {"small": {"datasets": ["sample"], "detectors": ["mtcnn", "slim"], "scales": "original",
@@ -75,7 +72,7 @@ def materialise(workdir: Path, code: Path = ROOT) -> None:
         if len(fields) < 3 or fields[0] == "output_file":
             continue
         path = workdir / fields[0]
-        if fields[2] in DIRECTORY_RULES:
+        if not path.suffix:  # folder outputs (oracle, rerank, sample, figures) have no suffix
             path.mkdir(parents=True, exist_ok=True)
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
