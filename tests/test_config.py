@@ -23,8 +23,7 @@ def test_shipped_configs_are_valid():
         merged.update(yaml.safe_load((ROOT / "config" / name).read_text()))
         validate_config(merged, SCHEMA, source=name)
     config = load_config(DEFAULT_CONFIG)
-    assert config["postprocess"] == {"nms_iou": 0.4, "vote_iou": 0.4, "keep_top": 750,
-                                     "keep_singletons": False, "score_transform": "none"}
+    assert config["postprocess"] == {"iou": 0.4, "keep": 750, "keep_singletons": False}
     assert config["datasets"]["sample"]["max_images"] is None  # schema default filled in
 
 
