@@ -1,4 +1,4 @@
-"""confrank: the whole experiment as one DAG (see docs/dag.md).
+"""confrank: the whole experiment as one DAG (see the README, "Running the whole experiment").
 
 Only wiring lives here: every rule shells the `confrank` command of its stage, every path
 comes from stages.layout.Layout, and what to compute comes from pipeline.config.expand.
@@ -140,8 +140,10 @@ def index_input(wc):
 def index_command(wc):
     ds = DATASETS[wc.dataset]
     if ds["source"] == "subset":
-        return (f"{PYTHON} -m stages.subset --parent {ds['subset_of']} --name {wc.dataset}"
-                f" --max-images {ds['max_images']}")
+        return " ".join([
+            f"{CONFRANK} subset --parent {ds['subset_of']} --name {wc.dataset}",
+            flag("half", ds.get("half")), flag("max-images", ds.get("max_images")),
+        ])
     root = L.root / "raw" / wc.dataset if ds["source"] == "sample" else ds["root"]
     return " ".join([
         f"{CONFRANK} index --name {wc.dataset}", flag("root", root), flag("format", ds["format"]),

@@ -17,6 +17,7 @@ from pipeline.errors import ConfrankError
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "index": ("stages.index", "cli", "Ingest a dataset into images/gt tables."),
     "sample": ("stages.sample", "cli", "Build the embedded demo dataset (WiderFace layout)."),
+    "subset": ("stages.subset", "cli", "Index a half or the first N images of a dataset as a new one."),
     "inspect": ("stages.inspect", "cli", "Show schema, provenance and summaries of Parquet outputs."),
     "detect": ("stages.detect", "cli", "Run a face detector over a dataset shard."),
     "detectors": ("stages.weights", "detectors_cli", "List detectors and the status of their weights."),
@@ -59,7 +60,11 @@ def group() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: user-facing errors become one line on stderr and exit code 1."""
+    """Console entry point: user-facing errors become one line on stderr and exit code 1.
+
+    That includes operating-system errors (disk full, permission denied, a path that is not a
+    folder): their message names the file. Anything else is a bug and keeps its traceback.
+    """
     try:
         group.main(args=argv, prog_name="confrank", standalone_mode=False)
     except click.exceptions.Abort:
@@ -70,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except ConfrankError as exc:
+    except (ConfrankError, OSError) as exc:
         click.echo(f"confrank: error: {exc}", err=True)
         sys.exit(1)
 

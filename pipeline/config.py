@@ -107,8 +107,8 @@ def _semantic_errors(config: Mapping[str, Any]) -> list[str]:
             parent = ds.get("subset_of")
             if parent not in datasets or parent == name:
                 problems.append(f"datasets.{name}.subset_of: {_known('dataset', str(parent), set(datasets) - {name})}")
-            if ds.get("max_images") is None:
-                problems.append(f"datasets.{name}: source 'subset' needs 'max_images'")
+            if ds.get("max_images") is None and ds.get("half") is None:
+                problems.append(f"datasets.{name}: source 'subset' needs 'half', 'max_images' or both")
 
     def check_names(where: str, detectors: list[str], scales: list[str], dsets: list[str]) -> None:
         for i, det in enumerate(detectors):

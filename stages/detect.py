@@ -146,7 +146,7 @@ def run_detect(dataset: str, detector_name: str, scales: str, shard: tuple[int, 
     images_path = layout.images(dataset)
     if not images_path.is_file():
         raise ConfrankError(f"{images_path}: no images table; run `confrank index --name {dataset} --root DIR` first")
-    weight_files = weights_cache.resolve(info.weights)
+    weight_files = weights_cache.ensure(info.weights, log=lambda line: click.echo(line, err=True))
     out = (layout.detections(dataset, detector_name, scales, shard[0]),
            layout.latency(dataset, detector_name, scales, shard[0]))
     meta = shard_metadata(dataset, detector_name, scales, shard, device, amp, channels_last, weight_files,

@@ -58,7 +58,7 @@ def test_bad_references_are_all_reported():
                  "experiments[0].dataset: unknown dataset 'nope'",
                  "rankers.small.datasets[0]: unknown dataset 'missing'",
                  "datasets.sub.subset_of: unknown dataset 'elsewhere'",
-                 "datasets.sub: source 'subset' needs 'max_images'"):
+                 "datasets.sub: source 'subset' needs 'half', 'max_images' or both"):
         assert part in msg
 
 

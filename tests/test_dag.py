@@ -7,7 +7,6 @@ Snakefile. Rerun triggers are checked on a workflow whose outputs were marked co
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
@@ -188,14 +187,8 @@ def test_slurm_profile_plans_gpu_and_cpu_jobs(tmp_path: Path):
         assert jobs[cpu_rule]["threads"] == "8"
 
 
-STAGES = ("sample", "index", "detect", "oracle", "train", "rerank", "nms", "evaluate", "report")
-
-
 @pytest.mark.slow
 def test_tiny_dag_end_to_end(tmp_path: Path):
-    missing = [s for s in STAGES if importlib.util.find_spec(f"stages.{s}") is None]
-    if missing:
-        pytest.skip(f"stages not written yet: {', '.join(missing)}")
     shutil.copy(ROOT / "config" / "test.yaml", tmp_path / "config.yaml")
     out = snakemake(tmp_path, "--cores", "2", check=False)
     logs = "\n".join(f"--- {p}\n{p.read_text()[-2000:]}" for p in sorted((tmp_path / "logs").rglob("*.log")))

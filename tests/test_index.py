@@ -39,6 +39,39 @@ def test_index_widerface416(tmp_path, capsys):
     assert meta["has_subsets"] and meta["images_present"] and meta["stage"] == "index"
 
 
+def test_subset_halves_partition_the_dataset(tmp_path, capsys):
+    root = need_shared("widerface416")
+    assert run_cli(["index", "--name", "w416", "--root", str(root), "--data-dir", str(tmp_path)], capsys)[0] == 0
+    layout = Layout(tmp_path)
+    parent_images = read_table(layout.images("w416"), "images")
+    parent_gt = read_table(layout.gt("w416"), "gt")
+    halves = {}
+    for half in ("first", "second"):
+        code, out, err = run_cli(["subset", "--parent", "w416", "--name", half, "--half", half,
+                                  "--data-dir", str(tmp_path)], capsys)
+        assert code == 0, err
+        halves[half] = read_table(layout.images(half), "images")
+        gt = read_table(layout.gt(half), "gt")
+        expected = parent_gt[parent_gt.image_id.isin(halves[half].image_id)].reset_index(drop=True)
+        pd.testing.assert_frame_equal(gt.astype({"image_id": str}), expected.astype({"image_id": str}))
+        # the images keep the parent's root: their paths still resolve
+        assert read_metadata(layout.images(half))["root"] == read_metadata(layout.images("w416"))["root"]
+    first, second = (list(halves[h].image_id.astype(str)) for h in ("first", "second"))
+    assert (len(first), len(second)) == (47, 46)
+    all_ids = sorted(parent_images.image_id.astype(str))
+    assert not set(first) & set(second) and sorted(first + second) == all_ids
+    assert first == all_ids[0::2]
+    code, out, err = run_cli(["subset", "--parent", "w416", "--name", "few", "--half", "second", "--max-images", "5",
+                              "--data-dir", str(tmp_path)], capsys)
+    assert code == 0 and "subset few: 5 images of w416" in out
+    assert list(read_table(layout.images("few"), "images").image_id.astype(str)) == second[:5]
+    code, out, err = run_cli(["subset", "--parent", "w416", "--name", "none", "--data-dir", str(tmp_path)], capsys)
+    assert code == 2 and "give --half, --max-images or both" in err
+    code, out, err = run_cli(["subset", "--parent", "nope", "--name", "x", "--max-images", "1",
+                              "--data-dir", str(tmp_path)], capsys)
+    assert code == 1 and "index of dataset 'nope' not found" in err
+
+
 def test_index_ground_truth_only(tmp_path, capsys):
     code, out, _ = run_cli(["index", "--name", "val", "--root", str(need_shared("widerface")), "--data-dir", str(tmp_path)], capsys)
     assert code == 0 and "3226 images, 39708 faces" in out
@@ -166,3 +199,12 @@ def test_sample_is_deterministic_and_indexable(tmp_path, capsys):
 def test_usage_errors_exit_2(args, capsys):
     code, _, err = run_cli(args, capsys)
     assert code == 2 and "Missing" in err
+
+
+def test_operating_system_errors_are_one_line_naming_the_path(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code, out, err = run_cli(["sample", "--out", str(blocker / "demo"), "--images", "1"], capsys)
+    assert code == 1
+    assert err.startswith("confrank: error: [Errno 20] Not a directory:") and str(blocker) in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1

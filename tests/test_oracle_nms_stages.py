@@ -75,6 +75,23 @@ def test_oracle_stage(data, capsys, scheduler):
     assert read_metadata(data.oracle("toy", "toy", "original", 0))["stage"] == "oracle"
 
 
+def test_oracle_on_a_dask_cluster_by_address(data, capsys):
+    """--dask-scheduler tcp://HOST:PORT sends the shard tasks to a running cluster (here a local
+    one on loopback) and writes the same bytes as the local threads scheduler."""
+    from distributed import LocalCluster
+
+    base = ["oracle", "--dataset", "toy", "--detector", "toy", "--scales", "original", "--data-dir", str(data.root)]
+    assert run_cli(base + ["--dask-scheduler", "threads"], capsys)[0] == 0
+    local = [data.oracle("toy", "toy", "original", k).read_bytes() for k in (0, 1)]
+    for k in (0, 1):
+        data.oracle("toy", "toy", "original", k).unlink()
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp", dashboard_address=None) as cluster:
+        assert cluster.scheduler_address.startswith("tcp://")
+        code, _, err = run_cli(base + ["--dask-scheduler", cluster.scheduler_address], capsys)
+    assert code == 0, err
+    assert [data.oracle("toy", "toy", "original", k).read_bytes() for k in (0, 1)] == local
+
+
 def test_bad_scheduler_and_missing_inputs(data, capsys):
     code, _, err = run_cli(["oracle", "--dataset", "toy", "--detector", "toy", "--scales", "original", "--data-dir", str(data.root), "--dask-scheduler", "gpu"], capsys)
     assert code != 0 and "--dask-scheduler" in err

@@ -1,5 +1,5 @@
 """Determinism: the whole chain run twice on CPU, in two data folders, gives byte-identical
-files, except the two tables that hold measured wall times (documented in docs/failure.md):
+files, except the two tables that hold measured wall times (documented in the README, "Failure behaviour"):
 the latency side table of detect (``latency_ms``) and the train log (``samples_per_s``),
 whose other columns must still be equal.
 

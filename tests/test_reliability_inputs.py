@@ -1,5 +1,5 @@
 """Messy inputs through the real commands: each fails with one line naming the file (and
-line) and leaves no output behind, or works as documented in docs/failure.md.
+line) and leaves no output behind, or works as documented in the README, "Failure behaviour".
 
 Parser-level cases (malformed lines, zero-byte or missing images at index time, foreign
 ranker files refused by rerank) are in test_widerface.py, test_index.py and

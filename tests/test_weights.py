@@ -257,3 +257,28 @@ def test_cli_detectors_states(tmp_path, weights_dir):
     assert rows["haar"]["state"] == ("unavailable" if haar_reason else "ready")
     res = CliRunner().invoke(stage.detectors_cli, ["--cache-dir", str(cache)])
     assert res.exit_code == 0 and len(res.output.splitlines()) == len(DETECTORS) + 1
+
+
+def test_ensure_downloads_only_what_is_missing_and_pinned(monkeypatch, tmp_path, weights_dir):
+    """What detect calls: a missing file with a pinned download is fetched (one log line), a
+    present one is never replaced (a wrong sha256 stays an error), an unpinned one says how
+    to add it."""
+    src = weights_dir / "RBF_Final.pth"
+    _with_sources(monkeypatch, "RBF_Final", W.Url(src.as_uri()))
+    lines = []
+    assert W.ensure(["RBF_Final"], tmp_path, log=lines.append) == {"RBF_Final": tmp_path / "RBF_Final.pth"}
+    assert lines == [f"fetching weights RBF_Final into {tmp_path}"]
+    assert (tmp_path / "RBF_Final.pth").read_bytes() == src.read_bytes()
+    assert W.ensure(["RBF_Final"], tmp_path, log=lines.append) and len(lines) == 1  # present: no download
+    (tmp_path / "RBF_Final.pth").write_bytes(b"other bytes")
+    with pytest.raises(ConfrankError, match="sha256"):
+        W.ensure(["RBF_Final"], tmp_path)
+    assert (tmp_path / "RBF_Final.pth").read_bytes() == b"other bytes"
+    with pytest.raises(MissingInputError, match="weights add --name slim_Final"):
+        W.ensure(["slim_Final"], tmp_path)
+
+
+def test_ensure_offline_says_what_to_do(monkeypatch, tmp_path):
+    _with_sources(monkeypatch, "RBF_Final", W.Url((tmp_path / "nowhere.pth").as_uri()))
+    with pytest.raises(ConfrankError, match=r"without network access, run `confrank weights fetch RBF_Final`"):
+        W.ensure(["RBF_Final"], tmp_path / "cache")

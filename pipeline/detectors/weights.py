@@ -28,7 +28,7 @@ import sys
 import tempfile
 import urllib.request
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -325,6 +325,28 @@ def fetch_many(names: Iterable[str], root: Path | None = None, force: bool = Fal
         for name in names:
             if force or status(name, root).state != "ok":
                 _fetch_one(entry(name), root, wheels, Path(tmp))
+    return resolve(names, root)
+
+
+def ensure(names: Iterable[str], root: Path | None = None, log: Callable[[str], None] | None = None) -> dict[str, Path]:
+    """:func:`resolve`, after downloading the missing files that have a pinned download.
+
+    This is what ``detect`` calls: a fresh machine gets the MTCNN weights on first use. A file
+    that is present is never replaced here (a wrong sha256 stays an error), and entries
+    without a download (the RetinaFace / 1MB checkpoints) fail with how to add them.
+    ``log`` receives one line before a download.
+    """
+    root = cache_dir() if root is None else Path(root)
+    names = list(dict.fromkeys(names))
+    missing = [n for n in names if not (root / entry(n).filename).is_file() and entry(n).sha256 and entry(n).sources]
+    if missing:
+        if log is not None:
+            log(f"fetching weights {', '.join(missing)} into {root}")
+        try:
+            fetch_many(missing, root)
+        except ConfrankError as exc:
+            raise ConfrankError(f"{exc}; without network access, run `confrank weights fetch {' '.join(missing)}` "
+                                f"where there is one and copy the files into {root} (or set CONFRANK_WEIGHTS)") from None
     return resolve(names, root)
 
 
