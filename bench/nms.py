@@ -9,7 +9,8 @@ per-shard function (read shard -> vote -> keep 750) one shard at a time and repo
 time per image, the peak RSS, and the ratio against the RetinaFace reference ``bbox_vote``
 loop (numpy, one cluster per Python iteration) measured on the first images in the same run.
 The full val set (3226 images x 6 views x 5000 boxes) is extrapolated linearly in the
-number of images and quadratically in boxes per image (greedy NMS/voting is O(N x seeds)).
+number of images and quadratically in boxes per image (an upper bound: voting compares
+each seed only with the boxes near it; ``--boxes 5000`` measures the full size directly).
 """
 
 from __future__ import annotations

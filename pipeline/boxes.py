@@ -122,6 +122,61 @@ def box_voting(
     return fused[index], scores[seeds[index]], seed_groups[index]
 
 
+def _pair_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(K,) IoU of the pairs ``a[k]``, ``b[k]`` of (K, 4) boxes: torchvision's ``box_iou``
+    arithmetic, element by element (so the same floats as its matrix and its NMS)."""
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    wh = (torch.minimum(a[:, 2:], b[:, 2:]) - torch.maximum(a[:, :2], b[:, :2])).clamp(min=0)
+    inter = wh[:, 0] * wh[:, 1]
+    return inter / (area_a + area_b - inter)
+
+
+def _reach(boxes: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(N,) how far, in x centre, a box can be from one it overlaps with IoU > ``threshold``.
+
+    IoU > t needs an x overlap of at least t * max(w_i, w_j), hence w_j <= w_i / t and
+    |cx_i - cx_j| <= (1 - t) * max(w_i, w_j) <= (1 - t) / t * w_i; 1 % and one pixel of slack
+    cover rounding. Degenerate boxes (w <= 0) overlap nothing and reach nowhere.
+    """
+    width = boxes[:, 2] - boxes[:, 0]
+    return torch.where(width > 0, width * (1.01 * (1 - threshold) / threshold) + 1, -1.0)
+
+
+def _assign_block(boxes: torch.Tensor, by_x: torch.Tensor, x_sorted: torch.Tensor, reach: torch.Tensor,
+                  block: torch.Tensor, first: int, open_: torch.Tensor, local: torch.Tensor, threshold: float) -> None:
+    """Give every open box that a seed of ``block`` (positions, rank order) covers (IoU >
+    ``threshold``, seed ranked above it) the cluster ``first + i`` of the first such seed i;
+    those boxes are closed. Only boxes whose x centre is within a seed's reach are compared,
+    at most ``_CHUNK`` pairs at a time."""
+    centre = (boxes[block, 0] + boxes[block, 2]) / 2
+    lo = torch.searchsorted(x_sorted, centre - reach[block])
+    hi = torch.searchsorted(x_sorted, centre + reach[block], right=True)
+    counts = (hi - lo).clamp(min=0)
+    ends = torch.cumsum(counts, 0)
+    s0 = 0
+    while s0 < len(block):
+        # seeds s0..s1-1 hold at most _CHUNK candidate pairs (at least one seed per step)
+        base = int(ends[s0 - 1]) if s0 else 0
+        s1 = max(s0 + 1, int(torch.searchsorted(ends, base + _CHUNK, right=True)))
+        n_pairs = int(ends[s1 - 1]) - base
+        if n_pairs:
+            seed = torch.repeat_interleave(torch.arange(s0, s1, device=boxes.device), counts[s0:s1])
+            offset = torch.arange(n_pairs, device=boxes.device) - (ends[seed] - counts[seed] - base)
+            cand = by_x[lo[seed] + offset]
+            ok = open_[cand] & (cand > block[seed])
+            cand, seed = cand[ok], seed[ok]
+            hit = _pair_iou(boxes[cand], boxes[block[seed]]) > threshold
+            cand, seed = cand[hit], seed[hit]
+            if len(cand):
+                best = torch.full((len(open_),), len(block), dtype=torch.int64, device=boxes.device)
+                best.scatter_reduce_(0, cand, seed, reduce="amin")
+                won = torch.unique(cand)
+                local[won] = first + best[won]
+                open_[won] = False
+        s0 = s1
+
+
 def _clusters(boxes: torch.Tensor, groups: torch.Tensor, iou: float, keep: int, keep_singletons: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy clusters of boxes sorted by (group, score desc).
 
@@ -133,7 +188,9 @@ def _clusters(boxes: torch.Tensor, groups: torch.Tensor, iou: float, keep: int, 
     IoU arithmetic (torchvision's, on +1-shifted float64 boxes) so they agree exactly.
 
     Seeds are visited in blocks; once a group has ``keep`` clusters that will be emitted,
-    its later seeds are not returned and its still unassigned boxes get cluster -1.
+    its later seeds are not returned and its still unassigned boxes get cluster -1. A seed
+    is compared only with the boxes near it in x (boxes sorted by x centre, see ``_reach``),
+    so the work grows with the boxes around each seed rather than with all boxes of the image.
     """
     threshold = math.nextafter(iou, -math.inf)
     shifted = _shifted(boxes)
@@ -147,28 +204,20 @@ def _clusters(boxes: torch.Tensor, groups: torch.Tensor, iou: float, keep: int, 
         group_boxes = shifted[lo:hi]
         n = hi - lo
         rank_scores = -torch.arange(n, dtype=torch.float64, device=device)  # keeps our (stable) order
+        x_sorted, by_x = torch.sort((group_boxes[:, 0] + group_boxes[:, 2]) / 2, stable=True)
+        reach = _reach(group_boxes, threshold)
         local = torch.full((n,), -1, dtype=torch.int64, device=device)
-        is_seed = torch.zeros(n, dtype=torch.bool, device=device)
-        pending = torch.arange(n, device=device)
+        open_ = torch.ones(n, dtype=torch.bool, device=device)  # neither a seed nor assigned yet
         used, emitted, prefix = 0, 0, min(n, max(_PREFIX, 4 * keep))
         while True:
             # greedy NMS decisions depend only on higher-ranked boxes: the seeds among the
             # first ``prefix`` boxes are those of NMS on that prefix
             kept = torch.sort(_torchvision_nms(group_boxes[:prefix], rank_scores[:prefix], threshold)).values
             local[kept[used:]] = torch.arange(used, len(kept), device=device)
-            is_seed[kept] = True
-            pending = pending[~is_seed[pending]]
+            open_[kept] = False
             for b0 in range(used, len(kept), _BLOCK):
                 block = kept[b0:b0 + _BLOCK]
-                found = []
-                step = max(1, _CHUNK // len(block))
-                for start in range(0, len(pending), step):
-                    part = pending[start:start + step]
-                    overlap = (box_iou(group_boxes[part], group_boxes[block]) > threshold) & (block[None, :] < part[:, None])
-                    hit = overlap.any(dim=1)
-                    local[part[hit]] = b0 + overlap[hit].to(torch.uint8).argmax(dim=1)
-                    found.append(part[~hit])
-                pending = torch.cat(found) if found else pending
+                _assign_block(group_boxes, by_x, x_sorted, reach, block, b0, open_, local, threshold)
                 sizes = torch.bincount(local[local >= b0] - b0)[: len(block)]
                 emitted += len(block) if keep_singletons else int((sizes > 1).sum())
                 used = b0 + len(block)

@@ -173,8 +173,13 @@ def run_detect(dataset: str, detector_name: str, scales: str, shard: tuple[int, 
     with ThreadPoolExecutor(max_workers=2) as pool:  # the two files are written concurrently
         jobs = [pool.submit(write_table, detections, out[0], "detections", meta, SORT_DETECTIONS),
                 pool.submit(write_table, latency, out[1], "latency", meta, SORT_LATENCY)]
-        for job in jobs:
-            job.result()
+        errors = [job.exception() for job in jobs]
+    failed = [err for err in errors if err is not None]
+    if failed:  # (disk full, say) never leave one table of the pair without the other
+        for path, err in zip(out, errors):
+            if err is None:
+                path.unlink(missing_ok=True)
+        raise failed[0]
     return out[0], True
 
 

@@ -76,19 +76,40 @@ def test_voting_equals_reference_loop(seed, n, integer, keep_singletons, keep, b
     boxes, scores = random_boxes(seed, n, integer)
     groups = np.random.default_rng(seed + 1).integers(0, 3, n)
     # small blocks and prefixes exercise the early stop and the growing NMS prefix
-    saved = boxes_module._BLOCK, boxes_module._PREFIX
-    boxes_module._BLOCK, boxes_module._PREFIX = block, 1 if block < 256 else 1024
+    # (and a tiny pair budget splits a block's candidate pairs into many steps)
+    saved = boxes_module._BLOCK, boxes_module._PREFIX, boxes_module._CHUNK
+    small = block < 256
+    boxes_module._BLOCK, boxes_module._PREFIX, boxes_module._CHUNK = block, 1 if small else 1024, 5 if small else 1 << 22
     try:
         got_boxes, got_scores, got_groups = box_voting(torch.tensor(boxes), torch.tensor(scores), torch.tensor(groups),
                                                        0.4, keep, keep_singletons)
     finally:
-        boxes_module._BLOCK, boxes_module._PREFIX = saved
+        boxes_module._BLOCK, boxes_module._PREFIX, boxes_module._CHUNK = saved
     for g in range(3):
         members = groups == g
         want = brute_vote(boxes[members], scores[members], 0.4, keep, keep_singletons) if members.any() else np.zeros((0, 5))
         mine = got_groups.numpy() == g
         np.testing.assert_allclose(got_boxes.numpy()[mine], want[:, :4], rtol=0, atol=1e-9)
         np.testing.assert_array_equal(got_scores.numpy()[mine], want[:, 4])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10**6), st.integers(1, 200), st.sampled_from([0.1, 0.4, 0.7]))
+def test_voting_with_very_different_box_sizes(seed, n, iou):
+    """Boxes from 0 to 400 px wide on one image: the x-centre window that limits the
+    comparisons must never miss a member."""
+    rng = np.random.default_rng(seed)
+    wh = np.exp(rng.uniform(np.log(0.5), np.log(400), (n, 2)))
+    xy = rng.uniform(0, 400, (n, 2))
+    boxes = np.c_[xy, xy + wh].round(1)
+    flat = rng.random(n) < 0.05
+    boxes[flat, 2] = boxes[flat, 0]  # a few zero-size boxes (1 px wide in the +1 convention)
+    scores = rng.uniform(0.02, 1, n)
+    got_boxes, got_scores, _ = box_voting(torch.tensor(boxes), torch.tensor(scores), torch.zeros(n, dtype=torch.int64),
+                                          iou, 750, True)
+    want = brute_vote(boxes, scores, iou, 750, True)
+    np.testing.assert_allclose(got_boxes.numpy(), want[:, :4], rtol=0, atol=1e-9)
+    np.testing.assert_array_equal(got_scores.numpy(), want[:, 4])
 
 
 def test_voting_hand_made_clusters():

@@ -18,7 +18,9 @@ def base() -> dict:
 
 
 def test_shipped_configs_are_valid():
-    for name in ("config.yaml", "test.yaml"):
+    shipped = sorted(p.name for p in (ROOT / "config").glob("*.yaml") if p.name != "config.schema.yaml")
+    assert {"config.yaml", "test.yaml", "heldout416.yaml"} <= set(shipped)
+    for name in shipped:
         merged = base()
         merged.update(yaml.safe_load((ROOT / "config" / name).read_text()))
         validate_config(merged, SCHEMA, source=name)

@@ -202,7 +202,7 @@ def test_full_disk_during_shard_write_leaves_no_shard(tmp_path, capsys, weights_
     with pytest.raises(OSError) as err:
         run_detect("w416", DETECTOR, SCALES, SHARD, layout, torch.device("cpu"), 4, workers=0)
     assert err.value.errno == errno.ENOSPC or "No space left on device" in str(err.value)
-    assert not detections.exists()
+    assert not detections.exists() and not latency.exists()  # neither table of the pair is left
     assert temporaries(detections.parent) == []  # the failed temporary file is removed
     monkeypatch.setattr(tempfile, "mkstemp", real_mkstemp)
     path, computed = run_detect("w416", DETECTOR, SCALES, SHARD, layout, torch.device("cpu"), 4, workers=0)
