@@ -183,7 +183,10 @@ def save_torch(obj: Any, path: Path) -> None:
 
 
 def load_checkpoint(path: Path, run_config: dict[str, Any]) -> dict[str, Any] | None:
-    """The checkpoint's trainer state when it belongs to this exact run; None when absent."""
+    """The checkpoint's trainer state when it belongs to this exact run; None when absent or
+    when it is the finished run of other settings (then this run starts from scratch and
+    replaces it). An unfinished run of other settings is refused: resuming it with these
+    settings would be wrong, and replacing it would throw its work away unasked."""
     if not path.is_file():
         return None
     try:
@@ -195,10 +198,22 @@ def load_checkpoint(path: Path, run_config: dict[str, Any]) -> dict[str, Any] | 
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ConfrankError(f"{path}: not a confrank ranker checkpoint; move it away to train from scratch")
     if state["run_config"] != run_config:
+        if _finished(state):  # a changed setting retrains the ranker, as snakemake's params trigger asks
+            click.echo(f"{path}: the finished run there had other settings; training from scratch", err=True)
+            return None
         raise ConfrankError(
-            f"{path}: checkpoint of a different training configuration "
-            f"({json.dumps(state['run_config'], sort_keys=True)}); use another --ranker name or delete it")
+            f"{path}: checkpoint of an unfinished run with a different training configuration "
+            f"({json.dumps(state['run_config'], sort_keys=True)}); use another --ranker name, or delete it "
+            "to give up that run")
     return state["trainer"]
+
+
+def _finished(state: dict[str, Any]) -> bool:
+    """Whether a checkpoint holds the last step of its run (its model.pt was written)."""
+    try:
+        return int(state["trainer"]["step"]) >= int(state["run_config"]["train"]["iterations"])
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def train_ranker(layout: Layout, ranker: str, datasets: list[str], detectors: list[str], scales: str,
@@ -271,6 +286,8 @@ def _split(text: str) -> list[str]:
 @click.option("--backbone", type=click.Choice(["resnet50", "mobilenet"]), default="resnet50", show_default=True)
 @click.option("--image-branch", type=click.Choice(["fpn", "none"]), default="fpn", show_default=True,
               help="none = image-free per-box MLP on box statistics.")
+@click.option("--output", type=click.Choice(["clip", "logit"]), default="clip", show_default=True,
+              help="clip(c + r, 0, 1) as in the paper, or sigmoid(logit(c) + r), which never saturates.")
 @click.option("--loss", type=click.Choice(sorted(LOSS_ALIASES)), default="pairwise", show_default=True)
 @click.option("--n-pairs", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--margin", type=click.FloatRange(min=0), default=0.0, show_default=True,
@@ -295,13 +312,14 @@ def _split(text: str) -> list[str]:
               help="DataLoader worker processes.")
 @data_dir_option
 def cli(datasets: str, detectors: str, scales: str, ranker: str, iterations: int, backbone: str,
-        image_branch: str, loss: str, n_pairs: int, margin: float, batch_size: int, lr: float,
+        image_branch: str, output: str, loss: str, n_pairs: int, margin: float, batch_size: int, lr: float,
         lr_final: float, num_boxes: int, image_size: int, checkpoint_every: int, log_every: int,
         id_file: Path | None, split_half: str | None, pretrained: bool, seed: int, device: str,
         workers: int, data_dir: Path) -> None:
     """Train the confidence ranker; rerunning a killed job resumes from its checkpoint."""
     layout = Layout.from_env(data_dir)
-    model_cfg = RankerConfig(num_boxes=num_boxes, backbone=backbone, image_branch=image_branch, image_size=image_size)
+    model_cfg = RankerConfig(num_boxes=num_boxes, backbone=backbone, image_branch=image_branch, image_size=image_size,
+                             output=output)
     train_cfg = TrainConfig(iterations=iterations, batch_size=batch_size, lr=lr, lr_final=lr_final,
                             loss=LOSS_ALIASES[loss], n_pairs=n_pairs, margin=margin, log_every=log_every, seed=seed)
     trainer = train_ranker(layout, ranker, _split(datasets), _split(detectors), scales, model_cfg, train_cfg,

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -198,3 +199,14 @@ def test_tiny_dag_end_to_end(tmp_path: Path):
     assert "mtcnn" in html and "rank-small" in html and "keep_singletons" in html
     assert "single" in (report / "report.md").read_text()
     assert planned_jobs(snakemake(tmp_path, "-n")) == []
+    # a changed ranker setting really reruns: train replaces its finished run's checkpoint,
+    # and nothing upstream of train runs again
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    config["rankers"]["small"]["iterations"] += 1
+    write_config(tmp_path, config)
+    out = snakemake(tmp_path, "--cores", "2", check=False)
+    assert "steps (100%) done" in out, out[-4000:]
+    ran = {job["rule"] for job in planned_jobs(out)}
+    assert {"train_ranker", "rerank", "nms_rank", "report"} <= ran and not ran & {"sample", "index", "detect_shard", "oracle"}
+    log = pd.read_parquet(tmp_path / "data" / "processed" / "rankers" / "small" / "train_log.parquet")
+    assert log.step.max() == config["rankers"]["small"]["iterations"]

@@ -133,7 +133,8 @@ def test_bad_configs_rejected():
         RankerConfig(bpn_layers=4)
     assert RankerConfig(backbone="mobilenet").conf_width == 64
     assert RankerConfig().conf_width == 256
-
+    with pytest.raises(ConfrankError, match="output must be one of"):
+        RankerConfig(output="tanh")
 
 
 def test_output_is_clipped_to_unit_interval():
@@ -147,3 +148,26 @@ def test_output_is_clipped_to_unit_interval():
         assert model(None, boxes, mask).tolist()[0] == pytest.approx([0.0, 0.5, 0.1, 0.0], abs=1e-6)
         model.mlp[-1].bias.fill_(0.3)
         assert model(None, boxes, mask).tolist()[0] == pytest.approx([0.5, 1.0, 0.8, 0.0], abs=1e-6)
+
+
+def test_logit_output_never_saturates_and_keeps_the_order():
+    """sigmoid(logit(c) + r): r = 0 gives c back, a constant r shifts every box the same way
+    in logit space (the order is kept) without the ties clip(c + r) makes at 1, and 0 or 1
+    inputs stay finite; padded slots are 0."""
+    config = RankerConfig(num_boxes=5, image_branch="none", output="logit")
+    model = build_ranker(config)
+    boxes = torch.tensor([[[0.1, 0.1, 0.2, 0.2, 1.0], [0.5, 0.5, 0.2, 0.2, 0.9], [0.3, 0.3, 0.1, 0.1, 0.5],
+                           [0.2, 0.6, 0.1, 0.1, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0]]])
+    mask = torch.tensor([[True, True, True, True, False]])
+    with torch.no_grad():
+        out = model(None, boxes, mask)[0]
+        assert out[:4].tolist() == pytest.approx([1.0, 0.9, 0.5, 0.0], abs=2e-6) and out[4] == 0
+        for bias in (-8.0, 8.0):  # (float32 itself rounds sigmoid to 0 or 1 beyond about +-17)
+            model.mlp[-1].bias.fill_(bias)
+            out = model(None, boxes, mask)[0]
+            assert torch.isfinite(out).all() and out[4] == 0
+            assert torch.equal(torch.sort(out[:4], descending=True).indices, torch.arange(4))
+        model.mlp[-1].bias.fill_(3.0)  # where clip(c + r) would put 0.9 and 0.5 both at 1
+        out = model(None, boxes, mask)[0]
+        assert 1 > out[1] > out[2] > 0.9
+        assert out[2].item() == pytest.approx(torch.sigmoid(torch.tensor(3.0)).item(), abs=1e-6)

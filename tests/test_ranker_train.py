@@ -130,12 +130,18 @@ def test_resume_after_interruption_is_bit_exact(tmp_path):
     assert (layout_a.ranker_dir("r") / "loss.png").stat().st_size > 0
 
 
-def test_checkpoint_of_another_config_is_refused(tmp_path):
+def test_checkpoint_of_another_config_is_refused_unless_its_run_finished(tmp_path, capsys):
     layout = Layout(tmp_path / "d")
     make_dataset(tmp_path / "raw", layout)
     _run(layout, "r", stop_after=1, branch="none")
-    with pytest.raises(ConfrankError, match="different training configuration"):
+    with pytest.raises(ConfrankError, match="unfinished run with a different training configuration"):
         _run(layout, "r", branch="none", iterations=5)
+    # a finished run: changing a setting (what snakemake's params trigger reruns) retrains
+    finished = _run(layout, "r", branch="none")
+    assert finished.step == 4
+    retrained = _run(layout, "r", branch="none", iterations=5)
+    assert retrained.step == 5 and "other settings; training from scratch" in capsys.readouterr().err
+    assert len(read_table(layout.ranker_dir("r") / "train_log.parquet", "train_log")) == 5
 
 
 def test_train_and_rerank_cli(tmp_path):

@@ -43,6 +43,10 @@ BACKBONES: dict[str, tuple[str, str, dict[str, str], int]] = {
     "mobilenet": ("mobilenet_v2", "MobileNet_V2_Weights", {"features.6": "0", "features.13": "1", "features.17": "2"}, 64),
 }
 IMAGE_BRANCHES = ("fpn", "none")
+#: how the residual meets the detector confidence (see RankerConfig)
+OUTPUTS = ("clip", "logit")
+#: detector confidences are clamped to [_EPS, 1 - _EPS] before the logit
+_EPS = 1e-6
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,9 @@ class RankerConfig:
     """Everything needed to rebuild a ranker (stored in model.pt).
 
     ``image_branch="none"`` selects :class:`BoxStatsRanker` (``backbone`` is then unused).
+    ``output`` is how the residual meets the detector confidence c: ``clip`` (the paper:
+    clip(c + r, 0, 1)) or ``logit`` (sigmoid(logit(c) + r): never saturates, so no two boxes
+    are tied at 0 or 1 and every box keeps a gradient).
     ``width`` is the FPN / confidence-module width (None: the backbone's default, 256 for
     resnet50, 64 for mobilenet). ``image_size`` is the letterbox side in pixels.
     """
@@ -63,12 +70,15 @@ class RankerConfig:
     image_size: int = 640
     stats_topk: int = 4
     hidden: int = 64
+    output: str = "clip"
 
     def __post_init__(self) -> None:
         if self.image_branch not in IMAGE_BRANCHES:
             raise ConfrankError(f"image branch must be one of {IMAGE_BRANCHES}, got {self.image_branch!r}")
         if self.image_branch == "fpn" and self.backbone not in BACKBONES:
             raise ConfrankError(f"backbone must be one of {sorted(BACKBONES)}, got {self.backbone!r}")
+        if self.output not in OUTPUTS:
+            raise ConfrankError(f"output must be one of {OUTPUTS}, got {self.output!r}")
         if self.num_boxes < 2:
             raise ConfrankError(f"num_boxes must be at least 2, got {self.num_boxes}")
         if self.bpn_layers % 3 or self.bpn_layers < 3:
@@ -86,9 +96,17 @@ class RankerConfig:
         return asdict(self)
 
 
-def _finish(residual: torch.Tensor, boxes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """c' = clip(c + residual, 0, 1) on real slots, 0 on padded ones. Shapes (B, N)."""
-    out = (boxes[..., 4] + residual.float()).clamp(0.0, 1.0)
+def _finish(residual: torch.Tensor, boxes: torch.Tensor, mask: torch.Tensor, output: str = "clip") -> torch.Tensor:
+    """c' on real slots, 0 on padded ones. Shapes (B, N).
+
+    ``clip``: clip(c + residual, 0, 1). ``logit``: sigmoid(logit(c) + residual), with c
+    clamped to [1e-6, 1 - 1e-6] first (a detector score of exactly 0 or 1 stays finite).
+    """
+    conf = boxes[..., 4].float()
+    if output == "logit":
+        out = torch.sigmoid(torch.logit(conf.clamp(_EPS, 1 - _EPS)) + residual.float())
+    else:
+        out = (conf + residual.float()).clamp(0.0, 1.0)
     return out * mask.to(out.dtype)
 
 
@@ -172,7 +190,7 @@ class ConfRanker(nn.Module):
             merged[key] = torch.cat([f, tap], dim=1)
         pyramid = self.fpn(merged)
         residual = torch.stack([head(pyramid[k]) for head, k in zip(self.heads, sorted(pyramid))]).mean(0)
-        return _finish(residual, boxes, mask)
+        return _finish(residual, boxes, mask, self.config.output)
 
 
 def box_statistics(boxes: torch.Tensor, mask: torch.Tensor, topk: int = 4, chunk: int = 1024) -> torch.Tensor:
@@ -249,7 +267,7 @@ class BoxStatsRanker(nn.Module):
         real = mask.nonzero(as_tuple=True)  # the MLP runs on real boxes only
         residual = boxes.new_zeros(mask.shape)
         residual[real] = self.mlp(feats[real]).squeeze(-1).to(residual.dtype)
-        return _finish(residual, boxes, mask)
+        return _finish(residual, boxes, mask, self.config.output)
 
 
 def build_ranker(config: RankerConfig, pretrained: bool = False) -> nn.Module:
