@@ -61,7 +61,7 @@ def shared_config(root: Path, weights: Path) -> dict[str, Any]:
         "rankers": {
             "demo": {"datasets": [name], "detectors": SHARED_DETECTORS, "scales": "original", "iterations": 300,
                      "backbone": "mobilenet", "image_branch": "none", "loss": "pairwise", "n_pairs": 10,
-                     "batch_size": 8, "num_boxes": 2000},
+                     "batch_size": 8, "num_boxes": 2000, "output": "logit"},
         },
         "experiments": [
             {"dataset": name, "detectors": SHARED_DETECTORS, "scales": ["original"],
