@@ -34,6 +34,7 @@ from pipeline.detect import Decoded, DetectLoop  # noqa: E402
 from pipeline.detectors import registry, weights as weights_cache  # noqa: E402
 from pipeline.detectors.priors import BGR_MEAN, PriorBoxDetector, decode_boxes, prior_boxes_loop  # noqa: E402
 from pipeline.imaging import decode_image, resize_cv2, to_chw_tensor  # noqa: E402
+from pipeline.runtime import keep_freed_memory  # noqa: E402
 from pipeline.scales import Scale, scale_set  # noqa: E402
 
 SHARED = Path(os.environ.get("CONFRANK_SHARED", Path(__file__).resolve().parent.parent.parent / "shared"))
@@ -78,12 +79,13 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--n", type=int, default=8, help="images at original size")
     parser.add_argument("--n8k", type=int, default=1, help="images at 8K (slow on a CPU)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=4, help="images per network call (the detect stage default)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per path at original size (best kept)")
     parser.add_argument("--detectors", default=",".join(DETECTORS))
     parser.add_argument("--weights", type=Path, default=None, help="weights folder (default: the cache)")
     args = parser.parse_args()
+    keep_freed_memory()  # as the confrank command does; both paths run under it
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 

@@ -12,6 +12,7 @@ import sys
 import click
 
 from pipeline.errors import ConfrankError
+from pipeline.runtime import keep_freed_memory
 
 #: name -> (module, attribute, one-line help shown by ``confrank --help`` without importing)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     That includes operating-system errors (disk full, permission denied, a path that is not a
     folder): their message names the file. Anything else is a bug and keeps its traceback.
     """
+    keep_freed_memory()  # CPU inference without a page fault storm (pipeline/runtime.py)
     try:
         group.main(args=argv, prog_name="confrank", standalone_mode=False)
     except click.exceptions.Abort:
