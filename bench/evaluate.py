@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from pipeline.metrics import SUBSETS, WiderFaceEval  # noqa: E402
 from pipeline.submission import parse_submission, submission_frame  # noqa: E402
 from pipeline.widerface import parse_eval_mat  # noqa: E402
+from pipeline.runtime import keep_freed_memory  # noqa: E402
 from tests.widerface_reference import bbox_overlaps_numpy, evaluation, gt_from_table  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "widerface"
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--archive", type=Path, default=SHARED / "submissions" / "thflgg133.tar.gz")
     parser.add_argument("--gt", type=Path, default=SHARED / "ground_truth")
     args = parser.parse_args()
+    keep_freed_memory()  # as the confrank command does
     gt = parse_eval_mat(args.gt).gt
     dets, raw = read_archive(args.archive)
     print(f"{args.archive.name}: {len(dets)} boxes, {dets.image_id.nunique()} images, {len(gt)} faces")

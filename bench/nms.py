@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline.shards import read_table, shard_members, write_table  # noqa: E402
+from pipeline.runtime import keep_freed_memory  # noqa: E402
 from stages.nms import _fuse_shard  # noqa: E402
 
 
@@ -80,6 +81,7 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--reference-images", type=int, default=2)
     args = parser.parse_args()
+    keep_freed_memory()  # as the confrank command does
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     ids = [f"e/{i:05d}" for i in range(args.images)]

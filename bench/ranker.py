@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.ranker.data import box_matrix, letterbox  # noqa: E402
 from pipeline.ranker.model import RankerConfig, build_ranker, model_payload  # noqa: E402
 from pipeline.ranker.train import Trainer, TrainConfig  # noqa: E402
+from pipeline.runtime import keep_freed_memory  # noqa: E402
 
 MODELS = {
     "resnet50": RankerConfig(backbone="resnet50"),
@@ -118,6 +119,7 @@ def main() -> None:
     parser.add_argument("--boxes-1024", type=int, default=1000)
     parser.add_argument("--models", default=",".join(MODELS))
     args = parser.parse_args()
+    keep_freed_memory()  # as the confrank command does
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), N=5000, letterbox 640 px")
     rows = []
