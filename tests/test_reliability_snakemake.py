@@ -24,13 +24,17 @@ from stages.run import snakemake_command
 from tests.conftest import ROOT, need_shared
 
 SHARDS = 1
+#: a detect job that takes ~10 s on a 2-core CPU (6 images x 10 views up to 1700 px), so that
+#: the kill lands in the middle of it however fast the machine is at 416 px
+DATASET, IMAGES, SCALES = "few", 6, "wider-multi"
 
 
 def write_config(workdir: Path, weights: Path) -> None:
     config = {
         "data_dir": "data", "weights_dir": str(weights), "device": "cpu",
-        "datasets": {"w416": {"source": "folder", "root": str(need_shared("widerface416")), "shards": SHARDS}},
-        "experiments": [{"dataset": "w416", "detectors": ["slim"], "scales": ["original"], "methods": ["single"]}],
+        "datasets": {"w416": {"source": "folder", "root": str(need_shared("widerface416"))},
+                     DATASET: {"source": "subset", "subset_of": "w416", "max_images": IMAGES, "shards": SHARDS}},
+        "experiments": [{"dataset": DATASET, "detectors": ["slim"], "scales": [SCALES], "methods": ["multi"]}],
     }
     (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
@@ -48,8 +52,9 @@ def by_hand(workdir: Path, weights: Path, capsys, monkeypatch) -> None:
     monkeypatch.chdir(workdir)
     monkeypatch.setenv("CONFRANK_WEIGHTS", str(weights))
     torch.set_num_threads(1)
-    steps = [("index", ["index", "--name", "w416", "--root", str(need_shared("widerface416"))])]
-    steps += [("detect_shard", ["detect", "--dataset", "w416", "--detector", "slim", "--scales", "original",
+    steps = [("index", ["index", "--name", "w416", "--root", str(need_shared("widerface416"))]),
+             ("index", ["subset", "--parent", "w416", "--name", DATASET, "--max-images", str(IMAGES)])]
+    steps += [("detect_shard", ["detect", "--dataset", DATASET, "--detector", "slim", "--scales", SCALES,
                                 "--shard", f"{k}/{SHARDS}", "--device", "cpu"]) for k in range(SHARDS)]
     for rule, args in steps:
         monkeypatch.setenv("CONFRANK_RULE", rule)
@@ -65,8 +70,8 @@ def test_killed_snakemake_run_completes_with_rerun_incomplete(tmp_path, weights_
     for folder in (killed, manual):
         folder.mkdir()
     write_config(killed, weights_dir)
-    shard0 = killed / Layout(Path("data")).detections("w416", "slim", "original", 0)
-    log = killed / "logs" / "detect" / "w416" / "slim" / "original" / "part-0.log"
+    shard0 = killed / Layout(Path("data")).detections(DATASET, "slim", SCALES, 0)
+    log = killed / "logs" / "detect" / DATASET / "slim" / SCALES / "part-0.log"
 
     sources = code_version.__wrapped__()  # uncached: the hash of pipeline/ and stages/ now
     proc = snakemake(killed, "detect", start_new_session=True)
@@ -98,7 +103,7 @@ def test_killed_snakemake_run_completes_with_rerun_incomplete(tmp_path, weights_
     by_hand(manual, weights_dir, capsys, monkeypatch)
     unchanged = code_version.__wrapped__() == sources == code_version()
     for k in range(SHARDS):
-        rel = Layout(Path("data")).detections("w416", "slim", "original", k)
+        rel = Layout(Path("data")).detections(DATASET, "slim", SCALES, k)
         if unchanged:
             assert (killed / rel).read_bytes() == (manual / rel).read_bytes(), rel
         else:  # sources edited while the test ran (a working tree, not CI): the data must agree
