@@ -17,6 +17,7 @@ import json
 import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -162,10 +163,9 @@ def run_detect(dataset: str, detector_name: str, scales: str, shard: tuple[int, 
     files = ImageFiles(rows, Path(root) if root else None)
 
     detector = build_detector(detector_name, weight_files, device, amp, channels_last)
-    fallback = None
-    if device.type == "cuda":
-        def fallback() -> Detector:
-            return build_detector(detector_name, weight_files, torch.device("cpu"), "none", False)
+    # an image too large for the GPU even alone runs on a CPU copy, built on first need
+    fallback = (partial(build_detector, detector_name, weight_files, torch.device("cpu"), "none", False)
+                if device.type == "cuda" else None)
     loop = DetectLoop(detector, scale_list, batch_size=batch_size, top_k=detector.top_k, cpu_fallback=fallback)
     detections, latency = loop.run(decoded_images(files, workers, pin=device.type == "cuda"))
     if loop.fallbacks:

@@ -32,3 +32,28 @@ def shared():
 def weights_dir() -> Path:
     """../shared/weights, used as the weights cache in tests."""
     return need_shared("weights")
+
+
+def run_cli(args, capsys) -> tuple[int, str, str]:
+    """Run ``confrank ARGS`` in this process: (exit code, stdout, stderr)."""
+    from pipeline.cli import main
+
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread per test process: pytest -n 2 on a 2-core machine otherwise
+    oversubscribes the CPU (10x slower convolutions)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

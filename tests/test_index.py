@@ -10,20 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.cli import main
 from pipeline.shards import read_metadata, read_table
 from stages.layout import Layout
-from tests.conftest import need_shared
-
-
-def run_cli(args, capsys):
-    try:
-        main(args)
-    except SystemExit as exc:
-        captured = capsys.readouterr()
-        return exc.code, captured.out, captured.err
-    captured = capsys.readouterr()
-    return 0, captured.out, captured.err
+from tests.conftest import need_shared, run_cli
 
 
 def test_index_widerface416(tmp_path, capsys):

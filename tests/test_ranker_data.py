@@ -14,14 +14,7 @@ from pipeline.ranker.data import (IMAGENET_MEAN, IMAGENET_STD, AugmentParams, Ra
                                   letterbox, split_half)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread per test process: pytest -n 2 on a 2-core machine otherwise
-    oversubscribes the CPU (10x slower convolutions)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 NO_COLOUR = AugmentParams(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
 

@@ -19,14 +19,8 @@ from stages import train as train_stage
 from stages.layout import Layout
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread per test process: pytest -n 2 on a 2-core machine otherwise
-    oversubscribes the CPU (10x slower convolutions)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 N = 64
 

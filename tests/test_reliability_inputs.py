@@ -22,12 +22,11 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline.cli import main
 from pipeline.detectors import registry
 from pipeline.errors import FormatError
 from pipeline.shards import read_table
 from stages.layout import Layout
-from tests.conftest import ROOT, need_shared
+from tests.conftest import ROOT, need_shared, run_cli
 
 DETECT = ["detect", "--dataset", "x", "--detector", "slim", "--device", "cpu", "--workers", "0"]
 
@@ -35,16 +34,6 @@ DETECT = ["detect", "--dataset", "x", "--detector", "slim", "--device", "cpu", "
 @pytest.fixture(autouse=True)
 def _one_thread():
     torch.set_num_threads(1)
-
-
-def run_cli(args, capsys) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def one_line_error(err: str) -> str:
