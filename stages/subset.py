@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from pipeline.errors import MissingInputError
-from pipeline.ranker.data import split_half
+from pipeline.ranker.data import HALVES, split_half
 from pipeline.shards import provenance, read_metadata, read_table, write_table
 from stages.layout import Layout, data_dir_option
 
@@ -47,7 +47,7 @@ def write_subset(layout: Layout, parent: str, name: str, half: str | None = None
 @click.command()
 @click.option("--parent", required=True, help="Indexed dataset to take images from.")
 @click.option("--name", required=True, help="Name of the new dataset.")
-@click.option("--half", type=click.Choice(["first", "second"]), default=None,
+@click.option("--half", type=click.Choice(HALVES), default=None,
               help="Keep one half of the sorted ids: first = positions 0, 2, 4, ...; second = 1, 3, 5, ... "
                    "(the halves of `confrank train --split-half`).")
 @click.option("--max-images", type=click.IntRange(min=1), default=None, help="Keep the first N sorted ids (of the half).")

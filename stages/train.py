@@ -30,8 +30,8 @@ import torch
 from tqdm import tqdm
 
 from pipeline.errors import ConfrankError, FormatError, MissingInputError
-from pipeline.ranker.data import RankerDataset, TrainImage, box_groups, split_half
-from pipeline.ranker.model import RankerConfig, build_ranker, model_payload
+from pipeline.ranker.data import HALVES, RankerDataset, TrainImage, box_groups, split_half
+from pipeline.ranker.model import BACKBONES, IMAGE_BRANCHES, OUTPUTS, RankerConfig, build_ranker, model_payload
 from pipeline.ranker.train import Trainer, TrainConfig
 from pipeline.shards import (atomic_output, provenance, read_metadata, read_table, read_tables,
                              shard_paths, write_table, write_text_atomic)
@@ -283,10 +283,10 @@ def _split(text: str) -> list[str]:
 @click.option("--scales", required=True, help="Scale set of the detections (original, 8k, wider-multi, 8k-multi).")
 @click.option("--ranker", required=True, help="Name of the ranker (output folder).")
 @click.option("--iterations", type=click.IntRange(min=1), default=100_000, show_default=True)
-@click.option("--backbone", type=click.Choice(["resnet50", "mobilenet"]), default="resnet50", show_default=True)
-@click.option("--image-branch", type=click.Choice(["fpn", "none"]), default="fpn", show_default=True,
+@click.option("--backbone", type=click.Choice(list(BACKBONES)), default="resnet50", show_default=True)
+@click.option("--image-branch", type=click.Choice(IMAGE_BRANCHES), default="fpn", show_default=True,
               help="none = image-free per-box MLP on box statistics.")
-@click.option("--output", type=click.Choice(["clip", "logit"]), default="clip", show_default=True,
+@click.option("--output", type=click.Choice(OUTPUTS), default="clip", show_default=True,
               help="clip(c + r, 0, 1) as in the paper, or sigmoid(logit(c) + r), which never saturates.")
 @click.option("--loss", type=click.Choice(sorted(LOSS_ALIASES)), default="pairwise", show_default=True)
 @click.option("--n-pairs", type=click.IntRange(min=1), default=10, show_default=True)
@@ -302,7 +302,7 @@ def _split(text: str) -> list[str]:
 @click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--images", "id_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Train only on the image ids listed in this file (one per line).")
-@click.option("--split-half", type=click.Choice(["first", "second"]),
+@click.option("--split-half", type=click.Choice(HALVES),
               help="Train on one deterministic half of each dataset's sorted image ids.")
 @click.option("--pretrained/--no-pretrained", default=False, show_default=True,
               help="Start the backbone from torchvision's ImageNet weights (from the torch hub cache or downloaded).")

@@ -258,11 +258,14 @@ class RankerDataset(torch.utils.data.Dataset):
         return sample
 
 
+#: names of the two halves of :func:`split_half` (its even and its odd positions)
+HALVES = ("first", "second")
+
+
 def split_half(image_ids: Sequence[str], half: str) -> list[str]:
     """One deterministic half of ``image_ids``: after sorting, ``first`` takes positions
     0, 2, 4, ... and ``second`` positions 1, 3, 5, ... (alternating, so both halves cover
     every WiderFace event instead of splitting the events in two)."""
-    if half not in ("first", "second"):
-        raise ValueError(f"half must be 'first' or 'second', got {half!r}")
-    ordered = sorted(image_ids)
-    return ordered[0 if half == "first" else 1::2]
+    if half not in HALVES:
+        raise ValueError(f"half must be one of {HALVES}, got {half!r}")
+    return sorted(image_ids)[HALVES.index(half)::2]
