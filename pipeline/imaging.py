@@ -41,16 +41,28 @@ def image_size(path: str | Path) -> tuple[int, int]:
 _JPEG_SOI, _JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
 
 
-def decode_image(path: str | Path) -> np.ndarray:
-    """Decode an image file to an HxWx3 uint8 **BGR** array.
+def decode_image(path: str | Path, expected_size: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode an image file to an HxWx3 uint8 **BGR** array: the one decode of every stage.
 
-    Pixels are in stored order (EXIF orientation is ignored, so boxes match the header
-    sizes of :func:`image_size`). Grey images become 3 identical channels; CMYK and other modes OpenCV cannot read are
-    decoded with Pillow. The format comes from the content (a PNG named .jpg works).
+    Orientation rule: pixels are in stored order, the EXIF orientation tag is ignored, so
+    boxes (x1, y1, x2, y2 in stored pixels) match the header sizes of :func:`image_size` that
+    the images table records, in detect, train, rerank and report alike. Grey images become
+    3 identical channels; CMYK and other modes OpenCV cannot read are decoded with Pillow
+    (which never applies the orientation either). The format comes from the content (a PNG
+    named .jpg works). ``expected_size`` = (width, height) from the images table, if given,
+    must equal the decoded size.
     Raises MissingInputError for a missing file and FormatError naming the file for an
-    empty, truncated or undecodable one.
+    empty, truncated or undecodable one, or one of another size.
     """
     path = Path(path)
+    image = _decode(path)
+    got = (image.shape[1], image.shape[0])
+    if expected_size is not None and got != tuple(expected_size):
+        raise FormatError(path, f"a {expected_size[0]}x{expected_size[1]} image (as indexed)", got=f"{got[0]}x{got[1]}")
+    return image
+
+
+def _decode(path: Path) -> np.ndarray:
     if not path.is_file():
         raise MissingInputError(f"{path}: image not found")
     data = path.read_bytes()

@@ -19,6 +19,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from pipeline.imaging import decode_image
+
 #: the face in grace_hopper.jpg (512x600), x1, y1, x2, y2 in its pixels
 SOURCE_FACE = (174.0, 112.0, 356.0, 332.0)
 #: the head-and-shoulders region pasted into scenes, x1, y1, x2, y2 (contains SOURCE_FACE)
@@ -30,10 +32,7 @@ def source_photo() -> np.ndarray:
     import matplotlib
 
     path = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise FileNotFoundError(f"{path}: matplotlib's sample photo is missing")
-    return image
+    return decode_image(path)
 
 
 @dataclass

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from pipeline.detect import Decoded, DetectLoop
 from pipeline.detectors import registry, weights as weights_cache
 from pipeline.detectors.base import Detector
-from pipeline.errors import ConfrankError, FormatError
+from pipeline.errors import ConfrankError
 from pipeline.imaging import decode_image, to_chw_tensor
 from pipeline.scales import SCALE_SETS, scale_set
 from pipeline.shards import provenance, read_metadata, read_table, sha256_file, shard_members, write_table
@@ -59,14 +59,9 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, i: int) -> tuple[str, torch.Tensor | None, str | None]:
         try:
-            image = decode_image(self.paths[i])
+            image = decode_image(self.paths[i], self.sizes[i])
         except ConfrankError as exc:
             return self.ids[i], None, str(exc)
-        got = (image.shape[1], image.shape[0])
-        if got != self.sizes[i]:
-            msg = FormatError(self.paths[i], f"a {self.sizes[i][0]}x{self.sizes[i][1]} image (as indexed)",
-                              got=f"{got[0]}x{got[1]}")
-            return self.ids[i], None, str(msg)
         return self.ids[i], to_chw_tensor(image), None
 
 

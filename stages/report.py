@@ -1,16 +1,21 @@
 """``confrank report``: one HTML page and one markdown file with the paper-style results.
 
 Reads whatever exists under the data folder — metrics JSON, PR tables, latency side tables,
-snakemake benchmark files of the rerank/nms jobs, re-ranked shards, ground truth, ranker
-training logs — and writes ``DATA/processed/report/report.html``, ``report.md`` and
-``figures/*.png``. Missing results are shown as ``—``; nothing is required but one metrics file.
+snakemake benchmark files of the rerank/nms jobs, final boxes, re-ranked shards, ground
+truth, ranker training logs, cross-validation deltas — and writes
+``DATA/processed/report/report.html``, ``report.md`` (the same sections and tables) and
+``figures/*.png``. Missing results are shown as ``—``; nothing is required but one metrics
+file. The page loads nothing but its own figures (inline style, relative image paths), so it
+works offline.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import html
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +24,14 @@ import numpy as np
 import pandas as pd
 
 from pipeline import report as rp
-from pipeline.errors import MissingInputError
+from pipeline.errors import FormatError, MissingInputError
 from pipeline.shards import code_version, config_hash, read_metadata, read_table, read_tables, shard_paths, write_text_atomic, atomic_output
 from stages.layout import Layout, data_dir_option
 
 CSS = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:90%}th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}
-th{background:#f0f0f0}td:nth-child(-n+4){text-align:left}img{max-width:100%}footer{margin-top:3em;font-size:80%;color:#555}"""
+th{background:#f0f0f0}td:nth-child(-n+4){text-align:left}img{max-width:100%}footer{margin-top:3em;font-size:80%;color:#555}
+figure{margin:1.5em 0}figcaption{font-size:85%;color:#444;max-width:900px}nav{font-size:90%}.note{font-size:85%;color:#444}"""
 
 
 def _parse_setting(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, Any]:
@@ -78,6 +84,34 @@ def read_timings(layout: Layout, metrics: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["dataset", "detector", "scales", "method", "detect_ms", "post_ms"])
 
 
+def cv_root(layout: Layout) -> Path:
+    """``DATA/processed/cv``: one folder per cross-validation experiment with ``deltas.parquet``."""
+    return layout.root / "processed" / "cv"
+
+
+def read_cv_deltas(layout: Layout) -> dict[str, pd.DataFrame]:
+    """Every ``processed/cv/{cv}/deltas.parquet`` by its path relative to the data folder.
+
+    Each must hold the contract's columns (``pipeline.report.CV_COLUMNS``; subset one of
+    easy, medium, hard, all); a file that does not fails with its path and what is missing.
+    """
+    out = {}
+    for path in sorted(cv_root(layout).glob("*/deltas.parquet")):
+        try:
+            frame = pd.read_parquet(path)
+        except (OSError, ValueError) as exc:
+            raise FormatError(path, "a Parquet file of cross-validation deltas", got=str(exc)) from None
+        missing = [c for c in rp.CV_COLUMNS if c not in frame]
+        if missing:
+            raise FormatError(path, f"columns {', '.join(rp.CV_COLUMNS)}", got=f"no {', '.join(missing)}")
+        subsets = set(frame["subset"].astype(str)) - set(rp.CV_SUBSETS)
+        if subsets:
+            raise FormatError(path, f"subset in {'|'.join(rp.CV_SUBSETS)}", got=", ".join(sorted(subsets)))
+        out[path.relative_to(layout.root).as_posix()] = frame[list(rp.CV_COLUMNS)].astype(
+            {"cv": str, "ranker": str, "detector": str, "scales": str, "subset": str, "delta": "float64"})
+    return out
+
+
 def images_table(layout: Layout, dataset: str) -> pd.DataFrame:
     """The images table with an ``abspath`` column (paths are relative to the dataset root)."""
     path = layout.images(dataset)
@@ -91,20 +125,36 @@ def images_table(layout: Layout, dataset: str) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- figures
 
 
+@dataclass(frozen=True)
+class Figure:
+    """A saved figure: its page section, title, path relative to the page, and caption."""
+
+    section: str
+    title: str
+    path: str
+    caption: str
+
+
 class Figures:
-    """Saves figures under ``folder`` and remembers (title, relative path) for the page."""
+    """Saves figures under ``folder`` and remembers them (with captions) for the page."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, layout: Layout):
         self.folder = folder
-        self.items: list[tuple[str, str, str]] = []  # (section, title, file name)
+        self.layout = layout
+        self.items: list[Figure] = []
 
-    def save(self, section: str, title: str, name: str, fig) -> None:
+    def save(self, section: str, title: str, name: str, fig, caption: str) -> None:
+        """Write ``fig`` as ``figures/{name}``; ``caption`` says what it shows and from which files."""
         import matplotlib.pyplot as plt
 
         with atomic_output(self.folder / name) as tmp:
             fig.savefig(tmp, format="png", dpi=90, metadata={"Software": None})
         plt.close(fig)
-        self.items.append((section, title, f"figures/{name}"))
+        self.items.append(Figure(section, title, f"figures/{name}", caption))
+
+    def files(self, *paths: Path) -> str:
+        """``paths`` relative to the data folder, for a caption."""
+        return ", ".join(p.relative_to(self.layout.root).as_posix() for p in paths)
 
 
 def _slug(*parts: str) -> str:
@@ -113,20 +163,24 @@ def _slug(*parts: str) -> str:
 
 def pr_figures(layout: Layout, metrics: pd.DataFrame, figs: Figures) -> None:
     for (ds, det), group in metrics.groupby(["dataset", "detector"], sort=True):
-        curves = {}
+        curves, paths = {}, []
         for r in group.itertuples(index=False):
             path = layout.pr_curves(ds, det, r.scales, r.method)
             if path.is_file():
                 curves[f"{r.method} ({r.scales})"] = read_table(path, "pr")
+                paths.append(path)
         if curves:
-            figs.save("PR curves", f"{ds} / {det}", f"pr_{_slug(ds, det)}.png", rp.pr_figure(curves, f"{ds} {det}"))
+            figs.save("PR curves", f"{ds} / {det}", f"pr_{_slug(ds, det)}.png", rp.pr_figure(curves, f"{ds} {det}"),
+                      f"Precision against recall at IoU 0.5 per subset, one line per method and scale set of {det} "
+                      f"on {ds}; from {figs.files(*paths)}.")
 
 
 def score_figures(layout: Layout, metrics: pd.DataFrame, figs: Figures) -> None:
     ranked = metrics[metrics["method"].str.startswith("rank-")]
     for r in ranked.itertuples(index=False):
         ranker = r.method[len("rank-"):]
-        parts = shard_paths(layout.reranked_dir(ranker, r.dataset, r.detector, r.scales))
+        folder = layout.reranked_dir(ranker, r.dataset, r.detector, r.scales)
+        parts = shard_paths(folder)
         if not parts:
             continue
         table = read_tables(parts, "detections", None)
@@ -135,7 +189,9 @@ def score_figures(layout: Layout, metrics: pd.DataFrame, figs: Figures) -> None:
             scores["oracle (IoU)"] = table["oracle_iou"].fillna(0).to_numpy()
         figs.save("Confidence distributions", f"{r.dataset} / {r.detector} / {r.scales} / {ranker}",
                   f"scores_{_slug(r.dataset, r.detector, r.scales, ranker)}.png",
-                  rp.score_figure(scores, f"{r.detector} {r.scales}"))
+                  rp.score_figure(scores, f"{r.detector} {r.scales}"),
+                  f"Histograms (log count) of the same {len(table)} boxes' detector confidence, ranker {ranker}'s "
+                  f"score and oracle IoU with the closest face, before NMS; from {figs.files(folder)}/part-*.parquet.")
 
 
 def height_figures(layout: Layout, metrics: pd.DataFrame, figs: Figures) -> None:
@@ -143,40 +199,72 @@ def height_figures(layout: Layout, metrics: pd.DataFrame, figs: Figures) -> None
         path = layout.gt(ds)
         if path.is_file():
             gt = read_table(path, "gt", ["y1", "y2"])
-            figs.save("Face heights", ds, f"heights_{_slug(ds)}.png", rp.height_figure((gt["y2"] - gt["y1"]).to_numpy(), ds))
+            figs.save("Face heights", ds, f"heights_{_slug(ds)}.png", rp.height_figure((gt["y2"] - gt["y1"]).to_numpy(), ds),
+                      f"Ground-truth face heights (y2 − y1, original-image pixels, log-spaced bins) of {ds}; "
+                      f"from {figs.files(path)}.")
+
+
+def _baseline(methods: set[str]) -> str | None:
+    """The method re-ranking is compared with at one scale set: single, else multi."""
+    return next((m for m in ("single", "multi") if m in methods), None)
 
 
 def example_figures(layout: Layout, metrics: pd.DataFrame, figs: Figures, count: int, threshold: float) -> None:
-    import cv2
+    """Per dataset, detector, scale set and ranker: the ``count`` images where re-ranking
+    changed the most faces found (a box > ``threshold`` at IoU >= 0.5), baseline and rank side by side."""
+    from pipeline.imaging import decode_image  # OpenCV loads only when a report draws examples
 
-    for (ds, det), group in metrics.groupby(["dataset", "detector"], sort=True):
-        finals = {f"{r.method} ({r.scales})": layout.final(ds, det, r.scales, r.method)
-                  for r in group.sort_values("method", key=lambda s: s.map(rp.method_family).map(
-                      {m: i for i, m in enumerate(rp.METHOD_ORDER)})).itertuples(index=False)
-                  if rp.method_family(r.method) != "oracle"}
-        finals = {k: read_table(p, "final") for k, p in finals.items() if p.is_file()}
-        if not finals or not layout.images(ds).is_file():
+    for (ds, det, sset), group in metrics.groupby(["dataset", "detector", "scales"], sort=True):
+        base = _baseline(set(group["method"]))
+        ranks = sorted(m for m in group["method"] if m.startswith("rank-"))
+        paths = {m: layout.final(ds, det, sset, m) for m in [base, *ranks] if m}
+        if base is None or not ranks or not paths[base].is_file() or not layout.images(ds).is_file():
             continue
-        images = images_table(layout, ds).sort_values("image_id", kind="stable").head(count)
         gt = read_table(layout.gt(ds), "gt")
+        gt = gt[rp.evaluated_faces(gt)].reset_index(drop=True)
         gt["image_id"] = gt["image_id"].astype(str)
-        for img in images.itertuples(index=False):
-            bgr = cv2.imread(img.abspath, cv2.IMREAD_COLOR)
-            if bgr is None:
-                raise MissingInputError(f"{img.abspath}: image of {ds}/{img.image_id} not readable")
-            boxes = {k: f[f["image_id"].astype(str) == img.image_id] for k, f in finals.items()}
-            fig = rp.examples_figure(bgr[:, :, ::-1], boxes, gt[gt["image_id"] == img.image_id],
-                                     f"{ds} / {det} / {img.image_id}", threshold)
-            figs.save("Examples", f"{ds} / {det} / {img.image_id}", f"example_{_slug(ds, det, img.image_id)}.png", fig)
+        images = images_table(layout, ds).set_index("image_id")
+        finals = {base: read_table(paths[base], "final")}
+        found = {base: rp.found_faces(gt, finals[base], threshold)}
+        for rank in (r for r in ranks if paths[r].is_file()):
+            finals[rank] = read_table(paths[rank], "final")
+            found[rank] = rp.found_faces(gt, finals[rank], threshold)
+            for ex in rp.changed_images(gt["image_id"], found[base], found[rank], count).itertuples(index=False):
+                img = images.loc[ex.image_id]
+                bgr = decode_image(img.abspath, (img.width, img.height))
+                rows = (gt["image_id"] == ex.image_id).to_numpy()
+                panels = {m: (finals[m][finals[m]["image_id"].astype(str) == ex.image_id], found[m][rows])
+                          for m in (base, rank)}
+                fig = rp.examples_figure(bgr[:, :, ::-1], panels, gt[rows], f"{ds} / {det} / {sset} / {ex.image_id}",
+                                         threshold)
+                figs.save("Examples: where re-ranking changed the most", f"{ds} / {det} / {sset} / {rank} / {ex.image_id}",
+                          f"example_{_slug(ds, det, sset, rank, ex.image_id)}.png", fig,
+                          f"{ex.image_id}: {rank} finds {ex.gained} face(s) that {base} misses and misses {ex.lost} "
+                          f"that {base} finds (a box scoring > {threshold} at IoU >= 0.5; evaluated faces only), "
+                          f"one of the {count} images of {ds} where this changed most. Green: boxes > {threshold}; "
+                          f"red: faces missed; dashed white: faces found. From {figs.files(paths[base], paths[rank])} "
+                          f"and {figs.files(layout.gt(ds))}.")
+
+
+def cv_figures(summaries: Mapping[str, pd.DataFrame], figs: Figures) -> None:
+    """One ΔAP figure per cross-validation experiment (``summaries``: file -> :func:`rp.cv_summary`)."""
+    for path, summary in summaries.items():
+        for cv, part in summary.groupby("cv", sort=True):
+            figs.save(CV_TITLE, str(cv), f"cv_{_slug(str(cv))}.png", rp.cv_figure(part, str(cv)),
+                      f"ΔAP = AP(rank) − AP(single) in AP points per ranker variant and detector, mean over "
+                      f"{int(part['folds'].max())} fold(s) with ± 1 sd (ddof 1) error bars; from {path}.")
 
 
 def loss_figures(layout: Layout, figs: Figures) -> None:
-    logs = {}
+    logs, paths = {}, []
     root = layout.root / "processed" / "rankers"
     for path in sorted(root.glob("*/train_log.parquet")):
         logs[path.parent.name] = read_table(path, "train_log")
+        paths.append(path)
     if logs:
-        figs.save("Ranker training", "loss and pair accuracy", "rankers_loss.png", rp.loss_figure(logs))
+        figs.save("Ranker training", "loss and pair accuracy", "rankers_loss.png", rp.loss_figure(logs),
+                  f"Training loss and fraction of box pairs ordered right against the step, per ranker; "
+                  f"from {figs.files(*paths)}.")
 
 
 # ----------------------------------------------------------------------------- page
@@ -193,60 +281,105 @@ def provenance_rows(records: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["result", "rule", "stage", "config hash", "code version"])
 
 
-def build_sections(layout: Layout, settings: Mapping[str, Any], figs: Figures) -> tuple[list[tuple[str, pd.DataFrame, str]], dict[str, Any]]:
-    """(title, table, note) sections and a summary of the settings used."""
+@dataclass(frozen=True)
+class Section:
+    """One part of the page: a title, an optional table, and a note under it. The figures
+    saved under the same title follow the table."""
+
+    title: str
+    table: pd.DataFrame | None = None
+    note: str = ""
+
+
+CV_TITLE = "Cross-validation of ranker variants (ΔAP)"
+RESULTS_NOTE = ("AP in %: Easy/Medium/Hard at IoU 0.5 (the WiderFace protocol), then AP@[.5:.95] (mean over IoU "
+                "0.5:0.05:0.95, the 2018 challenge metric); AP (boxes): VOC AP at 0.5 for box sets without keep "
+                "lists. detect ms/img: detector latency summed over the scale set's scales and flips (latency side "
+                "tables); post ms/img: wall time of the rerank and NMS jobs (snakemake benchmarks, process start-up "
+                "included) divided by the number of images.")
+ATTRIBUTE_NOTE = ("AP (%, IoU 0.5) over the faces with one attribute value: hard keep list faces of that value "
+                  "(invalid: all faces), the other faces ignored as outside a subset. Δ: rank − single (multi for "
+                  "multi-scale sets) in AP points, > 0 where the ranker helps. From the metrics JSON "
+                  "(ap_by_attribute) under processed/metrics/.")
+
+
+def build_sections(layout: Layout, settings: Mapping[str, Any], figs: Figures) -> tuple[list[Section], dict[str, Any]]:
+    """The page's sections in order (figures saved into ``figs``) and a summary of the settings used."""
     records = read_metrics(layout)
     if not records:
         raise MissingInputError(f"{layout.root / 'processed' / 'metrics'}: no metrics; run `confrank evaluate` first")
     metrics = rp.metrics_frame(records)
     timings = read_timings(layout, metrics)
     expected = [tuple(e) for e in settings.get("expected", [])]
-    sections = [("Results (AP %, time per image)", rp.results_table(metrics, timings, expected),
-                 "detect ms/img: detector latency summed over the scale set's scales and flips (latency side tables); "
-                 "post ms/img: wall time of the rerank and NMS jobs (snakemake benchmarks, process start-up included) "
-                 "divided by the number of images.")]
-    sections.append(("Rank against multi-scale", rp.speedups(metrics, timings),
-                     "speed-up = total ms/img of multi / total ms/img of rank."))
+    sections = [Section("Results (AP %, time per image)", rp.results_table(metrics, timings, expected), RESULTS_NOTE),
+                Section("Rank against multi-scale", rp.speedups(metrics, timings),
+                        "speed-up = total ms/img of multi / total ms/img of rank."),
+                Section("AP by face attribute", rp.attribute_table(rp.attribute_frame(records)), ATTRIBUTE_NOTE)]
+    summaries = {path: rp.cv_summary(frame) for path, frame in read_cv_deltas(layout).items()}
+    if summaries:
+        sections.append(Section(CV_TITLE, rp.cv_table(pd.concat(summaries.values(), ignore_index=True)),
+                                "ΔAP = AP(rank) − AP(single) in AP points, mean ± sd (ddof 1) over the folds; "
+                                f"from {', '.join(summaries)}."))
+        cv_figures(summaries, figs)
+    rep = settings.get("report", {})
+    example_figures(layout, metrics, figs, int(rep.get("example_images", 2)), float(rep.get("example_threshold", 0.5)))
+    sections.append(Section("Examples: where re-ranking changed the most"))
     rankers = settings.get("rankers", {})
     for setting, title in (("loss", "Loss ablation (table 1)"), ("n_pairs", "Number of pairs (table 2)")):
         table = rp.ablation_table(metrics, rankers, setting)
         if len(table):
-            sections.append((title, table, ""))
+            sections.append(Section(title, table))
     pr_figures(layout, metrics, figs)
     score_figures(layout, metrics, figs)
     height_figures(layout, metrics, figs)
-    rep = settings.get("report", {})
-    example_figures(layout, metrics, figs, int(rep.get("example_images", 2)), float(rep.get("example_threshold", 0.5)))
     loss_figures(layout, figs)
+    sections += [Section(t) for t in ("PR curves", "Confidence distributions", "Face heights", "Ranker training")]
     used = {
         "score transform": ", ".join(sorted(set(metrics["score_transform"].astype(str)))),
         "keep_singletons (box voting)": ", ".join(sorted({str(v) for v in metrics["keep_singletons"].dropna()})) or rp.MISSING,
         "fusion": ", ".join(sorted({str(v) for v in metrics["fusion"].dropna()})) or rp.MISSING,
         "postprocess config": json.dumps(settings.get("postprocess", {}), sort_keys=True),
     }
-    return sections + [("Provenance", provenance_rows(records), "")], used
+    return sections + [Section("Provenance", provenance_rows(records))], used
 
 
-def render(sections, used: Mapping[str, str], figs: Figures, footer: Mapping[str, str], fmt: str) -> str:
+def _anchor(title: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in title.lower()).strip("-")
+
+
+def _figure_html(fig: Figure) -> str:
+    return (f"<figure><img src='{html.escape(fig.path)}' alt='{html.escape(fig.title)}'>"
+            f"<figcaption><b>{html.escape(fig.title)}.</b> {html.escape(fig.caption)}</figcaption></figure>")
+
+
+def _figure_md(fig: Figure) -> str:
+    return f"![{fig.title}]({fig.path})\n\n*{fig.title}.* {fig.caption}\n"
+
+
+def render(sections: list[Section], used: Mapping[str, str], figs: Figures, footer: Mapping[str, str], fmt: str) -> str:
+    """The page as HTML (``fmt`` html) or markdown (md): the same sections, tables and figures;
+    a section with neither table nor figures is left out."""
     md = fmt == "md"
+    shown = [s for s in sections if s.table is not None or any(f.section == s.title for f in figs.items)]
+    body, prov = [s for s in shown if s.title != "Provenance"], next(s for s in shown if s.title == "Provenance")
     out = ["# confrank report\n" if md else f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>confrank report</title><style>{CSS}</style></head><body><h1>confrank report</h1>"]
-    settings = "".join(f"- **{k}**: {v}\n" if md else f"<li><b>{k}</b>: {v}</li>" for k, v in used.items())
+    settings = "".join(f"- **{k}**: {v}\n" if md else f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>" for k, v in used.items())
     out.append(f"\n{settings}\n" if md else f"<ul>{settings}</ul>")
-    for title, table, note in sections:
-        if title == "Provenance":
-            continue
-        out.append(f"## {title}\n\n{rp.to_markdown(table)}\n{note}\n" if md
-                   else f"<h2>{title}</h2>{rp.to_html(table)}<p>{note}</p>")
-    section = None
-    for sec, title, rel in figs.items:
-        if sec != section:
-            out.append(f"## {sec}\n" if md else f"<h2>{sec}</h2>")
-            section = sec
-        out.append(f"![{title}]({rel})\n" if md else f"<h3>{title}</h3><img src='{rel}' alt='{title}'>")
-    prov = [t for t in sections if t[0] == "Provenance"][0][1]
+    if not md:
+        links = " · ".join(f"<a href='#{_anchor(s.title)}'>{html.escape(s.title)}</a>" for s in shown)
+        out.append(f"<nav>{links}</nav>")
+    for sec in body:
+        out.append(f"## {sec.title}\n" if md else f"<section><h2 id='{_anchor(sec.title)}'>{html.escape(sec.title)}</h2>")
+        if sec.table is not None:
+            out.append(rp.to_markdown(sec.table) if md else rp.to_html(sec.table))
+        if sec.note:
+            out.append(f"{sec.note}\n" if md else f"<p class='note'>{html.escape(sec.note)}</p>")
+        out += [_figure_md(f) if md else _figure_html(f) for f in figs.items if f.section == sec.title]
+        if not md:
+            out.append("</section>")
     foot = "; ".join(f"{k}: {v}" for k, v in footer.items())
-    out.append(f"## Provenance\n\n{rp.to_markdown(prov)}\n{foot}\n" if md
-               else f"<footer><h2>Provenance</h2>{rp.to_html(prov)}<p>{foot}</p></footer></body></html>\n")
+    out.append(f"## Provenance\n\n{rp.to_markdown(prov.table)}\n{foot}\n" if md
+               else f"<footer><h2 id='provenance'>Provenance</h2>{rp.to_html(prov.table)}<p>{html.escape(foot)}</p></footer></body></html>\n")
     return "\n".join(out)
 
 
@@ -261,11 +394,11 @@ def cli(out: Path | None, settings: dict[str, Any], data_dir: Path) -> None:
     """Paper-style tables and figures (HTML + markdown) from every result under the data folder."""
     layout = Layout(data_dir)
     out = out or layout.report_dir()
-    figs = Figures(out / "figures")
+    figs = Figures(out / "figures", layout)
     sections, used = build_sections(layout, settings, figs)
     footer = {"rule": os.environ.get("CONFRANK_RULE") or "(run by hand)",
               "workflow config hash": settings.get("config_hash") or config_hash(settings),
               "code version": code_version()}
     write_text_atomic(out / "report.html", render(sections, used, figs, footer, "html"))
     write_text_atomic(out / "report.md", render(sections, used, figs, footer, "md"))
-    click.echo(f"report: {len(sections[0][1])} results, {len(figs.items)} figures -> {out / 'report.html'}")
+    click.echo(f"report: {len(sections[0].table)} results, {len(figs.items)} figures -> {out / 'report.html'}")

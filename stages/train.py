@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.errors import ConfrankError, FormatError, MissingInputError
+from pipeline.imaging import decode_image
 from pipeline.ranker.data import HALVES, RankerDataset, TrainImage, box_groups, split_half
 from pipeline.ranker.model import BACKBONES, IMAGE_BRANCHES, OUTPUTS, RankerConfig, build_ranker, model_payload
 from pipeline.ranker.train import Trainer, TrainConfig
@@ -66,17 +67,10 @@ class ImageReader:
 
 
 def read_rgb(path: str, width: int | None = None, height: int | None = None) -> np.ndarray:
-    """Decode ``path`` as RGB uint8; FormatError naming the file when unreadable or when its
+    """Decode ``path`` as RGB uint8 with the one decode of every stage (stored pixel order,
+    EXIF orientation ignored); FormatError naming the file when unreadable or when its
     size differs from the (width, height) recorded in the images table."""
-    if not Path(path).is_file():
-        raise MissingInputError(f"{path}: image not found")
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
-    if image is None:
-        raise FormatError(path, "a readable image (JPEG/PNG/...)")
-    if width is not None and image.shape[:2] != (height, width):
-        raise FormatError(path, f"a {width}x{height} image as in the images table",
-                          got=f"{image.shape[1]}x{image.shape[0]}")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return cv2.cvtColor(decode_image(path, None if width is None else (width, height)), cv2.COLOR_BGR2RGB)
 
 
 def load_images_table(layout: Layout, dataset: str) -> tuple[pd.DataFrame, Path]:
