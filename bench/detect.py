@@ -45,8 +45,8 @@ def naive(detector: PriorBoxDetector, images: list[Decoded], scale: Scale) -> No
     """The reference per-image loop (CPU resize, Python prior loop), on the detector's device."""
     mean = torch.tensor(BGR_MEAN).view(3, 1, 1)
     for item in images:
-        size = scale.input_size(*item.size)
-        pixels = resize_cv2(item.pixels.permute(1, 2, 0).numpy(), size)
+        pixels = resize_cv2(item.pixels.permute(1, 2, 0).numpy(), scale.factor(*item.size))
+        size = (pixels.shape[1], pixels.shape[0])
         x = (torch.from_numpy(pixels).permute(2, 0, 1) - mean)[None].to(detector.device)
         with torch.no_grad():
             loc, logits, _ = detector.net(x)

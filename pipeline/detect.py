@@ -123,7 +123,9 @@ def run_batch(detector: Detector, group: Sequence[Decoded], scale: Scale, size: 
     (upload + resize + network + decode + mapping) split evenly over its images."""
     device = detector.device
     start = time.perf_counter()
-    inputs = [resize_tensor(item.pixels.to(device, non_blocking=True)[None], size) for item in group]
+    factors = [scale.factor(*item.size) for item in group]
+    inputs = [resize_tensor(item.pixels.to(device, non_blocking=True)[None], size, factor)
+              for item, factor in zip(group, factors)]
     batch = torch.cat(inputs)
     if scale.flip:
         batch = batch.flip(-1)
@@ -133,19 +135,19 @@ def run_batch(detector: Detector, group: Sequence[Decoded], scale: Scale, size: 
     else:
         raws = [r for i in range(len(group)) for r in detector.detect(batch[i:i + 1])]
     del batch
-    mapped = [to_original(raw, size, item.size, scale.flip) for raw, item in zip(raws, group)]
+    mapped = [to_original(raw, size, factor, scale.flip) for raw, factor in zip(raws, factors)]
     mapped = [RawDetections(r.boxes.cpu(), r.scores.cpu(), None if r.landmarks is None else r.landmarks.cpu())
               for r in mapped]
     elapsed_ms = (time.perf_counter() - start) * 1000.0 / len(group)
     return [_Result(item.image_id, scale, size, raw, elapsed_ms) for item, raw in zip(group, mapped)]
 
 
-def to_original(raw: RawDetections, input_size: tuple[int, int], image_size: tuple[int, int],
-                flipped: bool) -> RawDetections:
-    """Boxes/landmarks in network-input pixels of a (maybe flipped) resized image -> original
-    image pixels. A flip maps x to ``input_width - x`` (x1 and x2 swap roles) and swaps the
-    landmarks' left/right points back."""
-    in_w, in_h = input_size
+def to_original(raw: RawDetections, input_size: tuple[int, int], factor: float, flipped: bool) -> RawDetections:
+    """Boxes/landmarks in network-input pixels of a (maybe flipped) image resized by
+    ``factor`` -> original image pixels: divided by ``factor`` on both axes (the resize's
+    exact mapping, as the reference test code does). A flip maps x to ``input_width - x``
+    (x1 and x2 swap roles) and swaps the landmarks' left/right points back."""
+    in_w = input_size[0]
     boxes, points = raw.boxes, raw.landmarks
     if flipped:
         boxes = torch.stack([in_w - boxes[:, 2], boxes[:, 1], in_w - boxes[:, 0], boxes[:, 3]], dim=1)
@@ -153,11 +155,9 @@ def to_original(raw: RawDetections, input_size: tuple[int, int], image_size: tup
             xy = points.reshape(-1, 5, 2)[:, list(FLIP_LANDMARK_ORDER)]
             xy = torch.stack([in_w - xy[..., 0], xy[..., 1]], dim=-1)
             points = xy.reshape(-1, 10)
-    fx, fy = in_w / image_size[0], in_h / image_size[1]
-    factor = torch.tensor([fx, fy], dtype=boxes.dtype, device=boxes.device)
-    boxes = boxes / factor.repeat(2)
+    boxes = boxes / factor
     if points is not None:
-        points = points / factor.repeat(5)
+        points = points / factor
     return RawDetections(boxes, raw.scores, points)
 
 

@@ -21,17 +21,22 @@ class Scale:
     edge: Literal["long", "short"] = "long"
     flip: bool = False
 
+    def factor(self, width: int, height: int) -> float:
+        """The resize factor r for a ``width x height`` image: ``target`` / the chosen edge
+        (1.0 for the original size). The network input samples the image with step 1/r on
+        both axes, as ``cv2.resize(image, None, fx=r, fy=r)`` does."""
+        if self.target == 0:
+            return 1.0
+        return self.target / (max(width, height) if self.edge == "long" else min(width, height))
+
     def input_size(self, width: int, height: int) -> tuple[int, int]:
         """(width, height) of the network input for a ``width x height`` image.
 
-        The chosen edge becomes exactly ``target``; the other is rounded (half to even, as
-        OpenCV's ``cv2.resize`` with ``fx``/``fy`` does), never below 1 px.
+        Each side times :meth:`factor`, rounded half to even as ``cv2.resize`` with
+        ``fx``/``fy`` does (so the chosen edge is exactly ``target``), never below 1 px.
         """
-        if self.target == 0:
-            return width, height
-        edge = max(width, height) if self.edge == "long" else min(width, height)
-        factor = self.target / edge
-        return max(1, round(width * factor)), max(1, round(height * factor))
+        r = self.factor(width, height)
+        return max(1, round(width * r)), max(1, round(height * r))
 
 
 def _with_flips(scales: list[Scale]) -> tuple[Scale, ...]:

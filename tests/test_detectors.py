@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -19,7 +18,7 @@ from pipeline.detectors.onemb import ANCHORS as ANCHORS_1MB_FAMILY
 from pipeline.detectors.priors import PriorConfig, decode_boxes, decode_landmarks, prior_boxes, prior_boxes_loop
 from pipeline.detectors.retinaface import ANCHORS_RETINAFACE, build_r50, resnet50_net
 from pipeline.errors import ConfrankError, FormatError
-from pipeline.imaging import decode_image, resize_cv2, resize_tensor, to_chw_tensor
+from pipeline.imaging import decode_image, resize_cv2, to_chw_tensor
 from pipeline.scales import Scale, scale_set
 
 WEIGHTED = ("retinaface-mnet025", "retinaface-mnet025-1mb", "slim", "rfb")
@@ -160,14 +159,17 @@ def test_8k_boxes_map_back_to_original_pixels(weights_dir, two_images):
     detector = build("retinaface-mnet025", weights_dir)
     strip = two_images[0].pixels[:, 200:232].clone()
     det, _ = DetectLoop(detector, scale_set("8k")).run([Decoded("a", strip)])
-    # the reference way: cv2 float resize, detect, divide by the resize factor
-    resized = resize_cv2(strip.permute(1, 2, 0).numpy(), (7680, 591))
+    # the reference way: cv2.resize with fx = fy = r, detect, divide by r; 32 * r = 590.77 is
+    # not an integer, so the sampling step 1/r differs from 32/591
+    r = 7680 / 416
+    resized = resize_cv2(strip.permute(1, 2, 0).numpy(), r)
+    assert resized.shape == (591, 7680, 3)
     raw = detector.detect(torch.from_numpy(resized).permute(2, 0, 1)[None])[0]
-    factor = torch.tensor([7680 / 416, 591 / 32] * 2)
-    expected = (raw.boxes / factor)[:50].numpy()
+    expected = (raw.boxes / r)[:50].numpy()
     got = det[["x1", "y1", "x2", "y2"]].to_numpy()[:50]
-    assert np.abs(got - expected).max() < 0.05
-    assert np.abs(det["score"].to_numpy()[:50] - raw.scores[:50].numpy()).max() < 1e-3
+    assert len(det) == len(raw.scores)
+    assert np.abs(got - expected).max() < 1e-3  # sampling with 32/591 instead: 22 px (boxes swap places)
+    assert np.abs(det["score"].to_numpy()[:50] - raw.scores[:50].numpy()).max() < 1e-4
 
 
 def test_flip_round_trip_on_a_real_detector(weights_dir, two_images):
@@ -191,17 +193,17 @@ def test_flip_round_trip_on_a_real_detector(weights_dir, two_images):
 @given(st.integers(8, 2000), st.integers(8, 2000), st.integers(1, 8000), st.booleans(),
        st.lists(st.floats(0, 1), min_size=14, max_size=14))
 def test_to_original_round_trip(width, height, target, flip, values):
-    size = Scale(target).input_size(width, height)
+    scale = Scale(target)
+    size, r = scale.input_size(width, height), scale.factor(width, height)
     box = torch.tensor([sorted(values[0:2]) + sorted(values[2:4])])[:, [0, 2, 1, 3]] * torch.tensor(
         [size[0], size[1]] * 2)
     points = torch.tensor([values[4:14]]) * torch.tensor([size[0], size[1]] * 5)
     raw = RawDetections(box, torch.ones(1), points)
-    once = to_original(raw, size, (width, height), flip)
+    once = to_original(raw, size, r, flip)
     assert (once.boxes[:, 2] >= once.boxes[:, 0]).all()
     # mapping back to input pixels and flipping again gives the input
-    back = RawDetections(once.boxes * torch.tensor([size[0] / width, size[1] / height] * 2), raw.scores,
-                         once.landmarks * torch.tensor([size[0] / width, size[1] / height] * 5))
-    again = to_original(back, size, size, flip)
+    back = RawDetections(once.boxes * r, raw.scores, once.landmarks * r)
+    again = to_original(back, size, 1.0, flip)
     torch.testing.assert_close(again.boxes, box, atol=1e-3, rtol=1e-5)
     torch.testing.assert_close(again.landmarks, points, atol=1e-3, rtol=1e-5)
 
@@ -209,7 +211,7 @@ def test_to_original_round_trip(width, height, target, flip, values):
 def test_flip_swaps_landmark_sides():
     points = torch.tensor([[10.0, 1, 30, 2, 20, 3, 12, 4, 28, 5]])  # left eye at x=10, right eye at 30
     raw = RawDetections(torch.tensor([[5.0, 0, 35, 10]]), torch.ones(1), points)
-    out = to_original(raw, (100, 50), (100, 50), flipped=True)
+    out = to_original(raw, (100, 50), 1.0, flipped=True)
     assert out.boxes.tolist() == [[65.0, 0, 95, 10]]
     assert out.landmarks.tolist() == [[70.0, 2, 90, 1, 80, 3, 72, 5, 88, 4]]
 
@@ -223,24 +225,15 @@ def test_scale_sets():
         (7680, "long", False), (7680, "long", True), (5760, "long", False), (5760, "long", True),
         (4096, "long", False), (4096, "long", True)]
     assert [s.target for s in scale_set("wider-multi")][::2] == [500, 800, 1100, 1400, 1700]
-    assert Scale(7680).input_size(1024, 683) == (7680, 5122)
+    assert Scale(7680).input_size(1024, 683) == (7680, 5122)  # 5122.5, half to even
+    assert Scale(7680).factor(1600, 898) == 4.8 and Scale(7680).input_size(1600, 898) == (7680, 4310)
+    assert Scale(0).factor(1600, 898) == 1.0
     assert Scale(500, "short").input_size(1024, 683) == (750, 500)
     with pytest.raises(ConfrankError, match="known: original"):
         scale_set("4k")
 
 
 # ----------------------------------------------------------------------------- resize and decode
-
-
-@settings(max_examples=25, deadline=None)
-@given(st.integers(2, 64), st.integers(2, 64), st.integers(1, 300), st.integers(1, 300), st.integers(0, 2**31))
-def test_torch_resize_matches_cv2_within_one_grey_level(w, h, out_w, out_h, seed):
-    image = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-    ours = resize_tensor(to_chw_tensor(image)[None], (out_w, out_h))[0].permute(1, 2, 0).numpy()
-    assert ours.shape == (out_h, out_w, 3)
-    reference = cv2.resize(image, (out_w, out_h), interpolation=cv2.INTER_LINEAR).astype(np.float32)
-    assert np.abs(np.round(ours) - reference).max() <= 1
-    assert np.abs(ours - resize_cv2(image, (out_w, out_h))).max() < 0.01
 
 
 def test_decode_grey_cmyk_and_png_named_jpg(tmp_path):
