@@ -16,9 +16,8 @@ import click
 from pipeline.errors import MissingInputError
 from pipeline.metrics import SUBSETS, WiderFaceEval
 from pipeline.shards import atomic_output, provenance, read_metadata, read_table, write_table, write_text_atomic
+from stages.common import method_name, read_gt
 from stages.layout import Layout, data_dir_option
-from stages.nms import method_name
-from stages.oracle import read_gt
 
 
 def plot_curves(pr, title: str, aps: dict[str, float], path: Path) -> None:

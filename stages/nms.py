@@ -26,20 +26,10 @@ import torch
 from pipeline.boxes import box_voting, nms
 from pipeline.errors import ConfrankError
 from pipeline.shards import BOX_COLUMNS, provenance, read_metadata, read_table, shard_paths, write_table
+from stages.common import FINAL_SORT, dask_scheduler_option, map_shards, method_name, require_shards
 from stages.layout import Layout, data_dir_option
-from stages.oracle import dask_scheduler_option, map_shards, require_shards
 
-FINAL_SORT = [("image_id", "ascending"), ("score", "descending")]
 SCORE_COLUMN = {"single": "score", "multi": "score", "oracle": "oracle_iou", "rank": "rank_score"}
-
-
-def method_name(method: str, ranker: str | None) -> str:
-    """The stored method string: ``single``, ``multi``, ``oracle`` or ``rank-{ranker}``."""
-    if method == "rank":
-        if not ranker:
-            raise click.BadParameter("--method rank needs --ranker RNAME", param_hint="--ranker")
-        return f"rank-{ranker}"
-    return method
 
 
 def fuse(dets: pd.DataFrame, method: str, iou: float, keep: int, keep_singletons: bool, source: str = "<detections>") -> pd.DataFrame:

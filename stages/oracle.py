@@ -3,14 +3,12 @@
 Reads ``Layout.detections_dir`` shards and the ``gt`` table, writes ``Layout.oracle`` shards
 with the same rows plus ``oracle_iou`` (IoU, +1 convention, with the closest face of the
 image; 0 when none) and ``gt_id`` (that face, -1 when none). One dask task per shard (no
-shuffle: a shard never splits an image); also home of the shared ``--dask-scheduler`` option.
+shuffle: a shard never splits an image).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import click
 import numpy as np
@@ -18,56 +16,11 @@ import pandas as pd
 import torch
 
 from pipeline.boxes import oracle_iou
-from pipeline.errors import ConfrankError, MissingInputError
-from pipeline.shards import BOX_COLUMNS, provenance, read_metadata, read_table, shard_paths, write_table
+from pipeline.shards import BOX_COLUMNS, provenance, read_metadata, read_table, write_table
+from stages.common import DETECTION_SORT, dask_scheduler_option, map_shards, read_gt, require_shards
 from stages.layout import Layout, data_dir_option
 
-SCHEDULERS = ("threads", "processes", "synchronous")
 GT_COLUMNS = ["image_id", "gt_id", *BOX_COLUMNS]
-DETECTION_SORT = [("image_id", "ascending"), ("score", "descending")]
-
-
-def dask_scheduler_option(func):
-    """``--dask-scheduler``: threads (default), processes, synchronous, or tcp://host:port."""
-    return click.option(
-        "--dask-scheduler", default="threads", show_default=True, envvar="CONFRANK_DASK_SCHEDULER",
-        help="Local dask scheduler (threads, processes, synchronous) or the address tcp://HOST:PORT of a running dask cluster.",
-    )(func)
-
-
-def map_shards(func: Callable[[Any], Any], items: Sequence[Any], scheduler: str) -> list[Any]:
-    """``[func(item) for item in items]`` as one dask task per item on ``scheduler``."""
-    import dask
-
-    tasks = [dask.delayed(func, pure=True)(item) for item in items]
-    if scheduler.startswith("tcp://"):
-        try:
-            from distributed import Client
-        except ImportError:
-            raise ConfrankError(f"--dask-scheduler {scheduler} needs the 'distributed' package (pip install 'dask[distributed]')") from None
-        with Client(scheduler) as client:
-            return list(dask.compute(*tasks, scheduler=client))
-    if scheduler not in SCHEDULERS:
-        raise click.BadParameter(f"expected one of {SCHEDULERS} or tcp://HOST:PORT, got {scheduler!r}", param_hint="--dask-scheduler")
-    return list(dask.compute(*tasks, scheduler=scheduler))
-
-
-def require_shards(folder: Path, what: str, hint: str) -> list[Path]:
-    """The shards of ``folder``; MissingInputError naming the folder and the command to run."""
-    paths = shard_paths(folder)
-    if not paths:
-        raise MissingInputError(f"{folder}: no {what} shards (part-K.parquet); {hint}")
-    return paths
-
-
-def read_gt(layout: Layout, dataset: str) -> tuple[Path, pd.DataFrame]:
-    """(path, gt table) of ``dataset``; MissingInputError when it was not indexed."""
-    path = layout.gt(dataset)
-    if not path.is_file():
-        raise MissingInputError(f"{path}: no ground truth for dataset {dataset!r}; run `confrank index --name {dataset} --root DIR` first")
-    gt = read_table(path, "gt")
-    gt["image_id"] = gt["image_id"].astype(str)
-    return path, gt
 
 
 def annotate(dets: pd.DataFrame, gt: pd.DataFrame) -> pd.DataFrame:

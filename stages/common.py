@@ -1,0 +1,192 @@
+"""Helpers shared by several stages: method names, sort orders, the gt table, dask mapping.
+
+This module imports no torch (nor a stage that does), so the light commands (``index``,
+``import``, ``export``, ``evaluate``, ``inspect``, ``report``) start without paying for it;
+``tests/test_light_commands.py`` checks that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+import pandas as pd
+
+from pipeline.errors import ConfrankError, MissingInputError
+from pipeline.shards import read_table, shard_paths
+from stages.layout import Layout
+
+SCHEDULERS = ("threads", "processes", "synchronous")
+#: row order of detection shards and of final boxes: by image, best score first
+DETECTION_SORT = [("image_id", "ascending"), ("score", "descending")]
+FINAL_SORT = DETECTION_SORT
+
+
+def method_name(method: str, ranker: str | None) -> str:
+    """The stored method string: ``single``, ``multi``, ``oracle`` or ``rank-{ranker}``."""
+    if method == "rank":
+        if not ranker:
+            raise click.BadParameter("--method rank needs --ranker RNAME", param_hint="--ranker")
+        return f"rank-{ranker}"
+    return method
+
+
+def read_gt(layout: Layout, dataset: str) -> tuple[Path, pd.DataFrame]:
+    """(path, gt table) of ``dataset``; MissingInputError when it was not indexed."""
+    path = layout.gt(dataset)
+    if not path.is_file():
+        raise MissingInputError(f"{path}: no ground truth for dataset {dataset!r}; run `confrank index --name {dataset} --root DIR` first")
+    gt = read_table(path, "gt")
+    gt["image_id"] = gt["image_id"].astype(str)
+    return path, gt
+
+
+def dask_scheduler_option(func):
+    """``--dask-scheduler``: threads (default), processes, synchronous, or tcp://host:port."""
+    return click.option(
+        "--dask-scheduler", default="threads", show_default=True, envvar="CONFRANK_DASK_SCHEDULER",
+        help="Local dask scheduler (threads, processes, synchronous) or the address tcp://HOST:PORT of a running dask cluster.",
+    )(func)
+
+
+def map_shards(func: Callable[[Any], Any], items: Sequence[Any], scheduler: str) -> list[Any]:
+    """``[func(item) for item in items]`` as one dask task per item on ``scheduler``."""
+    import dask
+
+    tasks = [dask.delayed(func, pure=True)(item) for item in items]
+    if scheduler.startswith("tcp://"):
+        try:
+            from distributed import Client
+        except ImportError:
+            raise ConfrankError(f"--dask-scheduler {scheduler} needs the 'distributed' package (pip install 'dask[distributed]')") from None
+        with Client(scheduler) as client:
+            return list(dask.compute(*tasks, scheduler=client))
+    if scheduler not in SCHEDULERS:
+        raise click.BadParameter(f"expected one of {SCHEDULERS} or tcp://HOST:PORT, got {scheduler!r}", param_hint="--dask-scheduler")
+    return list(dask.compute(*tasks, scheduler=scheduler))
+
+
+def require_shards(folder: Path, what: str, hint: str) -> list[Path]:
+    """The shards of ``folder``; MissingInputError naming the folder and the command to run."""
+    paths = shard_paths(folder)
+    if not paths:
+        raise MissingInputError(f"{folder}: no {what} shards (part-K.parquet); {hint}")
+    return paths
+
+
+def parse_names(text: str) -> list[str]:
+    """``"a,b"`` -> ``["a", "b"]`` (blank items dropped); BadParameter when empty."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise click.BadParameter("expected a comma-separated list of names")
+    return items
+
+
+def evidence_option(func):
+    """``--evidence DET,DET``: the detectors whose boxes are evidence for each other."""
+    return click.option(
+        "--evidence", required=True,
+        help="Comma-separated detectors whose boxes are evidence for each other's (a box's own "
+             "detector is left out); every one needs detections of the same dataset and scales.",
+    )(func)
+
+
+def _box_shards(layout: Layout, dataset: str, detector: str, scales: str) -> tuple[list[Path], str]:
+    """(shards, 'oracle' | 'detections') of one detector: oracle shards when they exist."""
+    parts = shard_paths(layout.oracle_dir(dataset, detector, scales))
+    if parts:
+        return parts, "oracle"
+    return require_shards(layout.detections_dir(dataset, detector, scales), "detection",
+                          f"run `confrank detect --dataset {dataset} --detector {detector} --scales {scales}` first"), "detections"
+
+
+def _evidence_frames(layout: Layout, dataset: str, detector: str, scales: str, evidence: Sequence[str]) -> tuple[dict, list[Path]]:
+    from pipeline.shards import read_tables
+
+    frames, inputs = {}, []
+    for other in sorted(set(evidence) - {detector}):
+        parts, _ = _box_shards(layout, dataset, other, scales)
+        frames[other] = read_tables(parts, "detections", columns=["image_id", "x1", "y1", "x2", "y2", "score"])
+        inputs.extend(parts)
+    return frames, inputs
+
+
+def image_sizes(layout: Layout, dataset: str) -> tuple[dict[str, tuple[int, int]], Path]:
+    """``{image_id: (width, height)}`` of a dataset's images table, and the table's path."""
+    path = layout.images(dataset)
+    if not path.is_file():
+        raise MissingInputError(f"{path}: no images table for dataset {dataset!r}; run `confrank index --name {dataset} ...`")
+    table = read_table(path, "images", ["image_id", "width", "height"])
+    return {str(r.image_id): (int(r.width), int(r.height)) for r in table.itertuples(index=False)}, path
+
+
+def _features_config(dataset: str, detector: str, scales: str, evidence: Sequence[str]) -> dict[str, Any]:
+    from pipeline.ranker.features import FEATURES
+
+    return {"dataset": dataset, "detector": detector, "scales": scales,
+            "evidence": sorted(set(evidence) - {detector}), "features": list(FEATURES)}
+
+
+def compute_features(layout: Layout, dataset: str, detector: str, scales: str,
+                     evidence: Sequence[str]) -> list[tuple[pd.DataFrame, Path, list[Path]]]:
+    """Per shard of ``detector``: (features frame, source shard, inputs read), computed now."""
+    from pipeline.ranker.features import frame_features
+    from pipeline.shards import read_table as read
+
+    parts, _ = _box_shards(layout, dataset, detector, scales)
+    sizes, images_path = image_sizes(layout, dataset)
+    others, other_inputs = _evidence_frames(layout, dataset, detector, scales, evidence)
+    out = []
+    for part in parts:
+        dets = read(part, "detections")
+        ids = set(dets["image_id"].astype(str))
+        unknown = sorted(ids - set(sizes))
+        if unknown:
+            raise ConfrankError(f"{part}: image {unknown[0]!r} is not in the images table {images_path}")
+        evidence_rows = {k: f[f["image_id"].astype(str).isin(ids)] for k, f in others.items()}
+        out.append((frame_features(dets, evidence_rows, sizes), part, [part, images_path, *other_inputs]))
+    return out
+
+
+def write_features(layout: Layout, dataset: str, detector: str, scales: str, evidence: Sequence[str]) -> list[Path]:
+    """Compute and write the features shards of one detector; returns the written paths."""
+    from pipeline.shards import provenance, write_table
+
+    config = _features_config(dataset, detector, scales, evidence)
+    written = []
+    for frame, part, inputs in compute_features(layout, dataset, detector, scales, evidence):
+        dest = layout.features(dataset, detector, scales, int(part.stem.split("-", 1)[1]))
+        write_table(frame, dest, "features", provenance("features", config, inputs=inputs), sort_by=DETECTION_SORT)
+        written.append(dest)
+    return written
+
+
+def _cache_valid(cached: Path, source: Path, config: dict[str, Any]) -> bool:
+    """Whether a features shard was made from ``source`` as it is now, with ``config``'s
+    evidence set and feature list."""
+    from pipeline.shards import read_metadata, sha256_file
+
+    meta = read_metadata(cached)
+    same = all(meta.get("config", {}).get(k) == config[k] for k in ("evidence", "features"))
+    return same and sha256_file(source) in meta.get("inputs", {}).values()
+
+
+def load_features(layout: Layout, dataset: str, detector: str, scales: str, evidence: Sequence[str]) -> tuple[pd.DataFrame, list[Path]]:
+    """Features of every box of one detector (all shards, concatenated) and the files read.
+
+    Cached shards (``confrank features``) are used when there is one per source shard and
+    they were made with the same evidence set and feature list; otherwise the features are
+    computed on the fly (nothing is written), with the same result.
+    """
+    from pipeline.shards import read_tables
+
+    cached = shard_paths(layout.features_dir(dataset, detector, scales))
+    sources, _ = _box_shards(layout, dataset, detector, scales)
+    if cached and len(cached) == len(sources) and all(
+            _cache_valid(c, s, _features_config(dataset, detector, scales, evidence)) for c, s in zip(cached, sources)):
+        return read_tables(cached, "features"), cached
+    computed = compute_features(layout, dataset, detector, scales, evidence)
+    frame = pd.concat([c[0] for c in computed], ignore_index=True)
+    return frame, [p for c in computed for p in c[2]]
