@@ -14,30 +14,54 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.metrics import iou_plus_one
+
 MISSING = "—"
 SUBSETS = ("easy", "medium", "hard")
 METHOD_ORDER = ("single", "multi", "rank", "oracle")
+CV_SUBSETS = ("easy", "medium", "hard", "all")
+CV_COLUMNS = ("cv", "ranker", "detector", "scales", "fold", "subset", "ap_single", "ap_rank", "ap_oracle", "delta")
+# WiderFace attribute values (the annotation readme); AP by attribute is keyed by the value as text
+ATTRIBUTE_VALUES = {
+    "blur": {"0": "clear", "1": "normal", "2": "heavy"},
+    "expression": {"0": "typical", "1": "exaggerate"},
+    "illumination": {"0": "normal", "1": "extreme"},
+    "occlusion": {"0": "none", "1": "partial", "2": "heavy"},
+    "pose": {"0": "typical", "1": "atypical"},
+    "invalid": {"0": "valid", "1": "invalid"},
+}
 
 
 def metrics_frame(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
-    """One row per metrics JSON: dataset, detector, scales, method, easy/medium/hard, voc_ap, n_images.
+    """One row per metrics JSON: dataset, detector, scales, method, easy/medium/hard (AP@.5),
+    easy/medium/hard_50_95 (AP@[.5:.95]), voc_ap, n_images.
 
-    ``easy``/``medium``/``hard`` are NaN for box sets without difficulty labels.
+    The subset APs are NaN for box sets without difficulty labels.
     """
     rows = []
     for rec in records:
-        ap = rec.get("ap") or {}
+        ap, coco = rec.get("ap") or {}, rec.get("ap_50_95") or {}
         rows.append({
             "dataset": rec["dataset"], "detector": rec["detector"], "scales": rec["scales"], "method": rec["method"],
             **{s: float(ap[s]) if s in ap else np.nan for s in SUBSETS},
+            **{f"{s}_50_95": float(coco[s]) if s in coco else np.nan for s in SUBSETS},
             "voc_ap": float(rec.get("voc_ap", np.nan)), "n_images": rec.get("n_images"),
             "keep_singletons": (rec.get("postprocess") or {}).get("keep_singletons"),
             "fusion": (rec.get("postprocess") or {}).get("fusion"),
             "score_transform": rec.get("score_transform", "none"),
         })
-    columns = ["dataset", "detector", "scales", "method", *SUBSETS, "voc_ap", "n_images", "keep_singletons",
-               "fusion", "score_transform"]
+    columns = ["dataset", "detector", "scales", "method", *SUBSETS, *(f"{s}_50_95" for s in SUBSETS), "voc_ap",
+               "n_images", "keep_singletons", "fusion", "score_transform"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def attribute_frame(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """AP by face attribute, long: dataset, detector, scales, method, attribute, value (text), ap."""
+    rows = [{"dataset": rec["dataset"], "detector": rec["detector"], "scales": rec["scales"], "method": rec["method"],
+             "attribute": attr, "value": str(value), "ap": float(ap)}
+            for rec in records for attr, values in (rec.get("ap_by_attribute") or {}).items()
+            for value, ap in values.items()]
+    return pd.DataFrame(rows, columns=["dataset", "detector", "scales", "method", "attribute", "value", "ap"])
 
 
 def method_family(method: str) -> str:
@@ -54,13 +78,19 @@ def _pct(value: float) -> str:
     return MISSING if value is None or not np.isfinite(value) else f"{100 * value:.1f}"
 
 
+def _delta(value: float) -> str:
+    """An AP difference (fraction) as signed percentage points."""
+    return MISSING if value is None or not np.isfinite(value) else f"{100 * value:+.1f}"
+
+
 def _ms(value: float) -> str:
     return MISSING if value is None or not np.isfinite(value) else f"{value:.0f}"
 
 
 def results_table(metrics: pd.DataFrame, timings: pd.DataFrame | None = None,
                   expected: Sequence[tuple[str, str, str, str]] = ()) -> pd.DataFrame:
-    """The paper's tables 3/4: per dataset and detector, one row per method and scale set.
+    """The paper's tables 3/4: per dataset and detector, one row per method and scale set,
+    AP@.5 and AP@[.5:.95] per subset.
 
     ``timings`` has columns dataset, detector, scales, method, detect_ms, post_ms (per image).
     ``expected`` lists (dataset, detector, scales, method) that must appear even without
@@ -81,6 +111,7 @@ def results_table(metrics: pd.DataFrame, timings: pd.DataFrame | None = None,
     out = pd.DataFrame({
         "dataset": frame["dataset"], "detector": frame["detector"], "method": frame["method"], "scales": frame["scales"],
         **{s.capitalize(): frame[s].map(_pct) for s in SUBSETS},
+        **{f"{s.capitalize()} .5:.95": frame[f"{s}_50_95"].map(_pct) for s in SUBSETS},
         "AP (boxes)": frame["voc_ap"].map(_pct),
         "detect ms/img": frame["detect_ms"].map(_ms), "post ms/img": frame["post_ms"].map(_ms),
         "total ms/img": total.map(_ms),
@@ -127,6 +158,107 @@ def ablation_table(metrics: pd.DataFrame, rankers: Mapping[str, Mapping[str, Any
             cells = {s.capitalize(): _pct(hit.iloc[0][s]) if len(hit) else MISSING for s in SUBSETS}
             rows.append({"dataset": ds, "detector": det, "scales": sset, setting: f"{value} ({name})", **cells})
     return pd.DataFrame(rows, columns=["dataset", "detector", "scales", setting, *map(str.capitalize, SUBSETS)])
+
+
+def attribute_table(attrs: pd.DataFrame) -> pd.DataFrame:
+    """AP by face attribute value: one row per dataset/detector/scale set/attribute/value,
+    one column per method (single, multi, rank-*, oracle), and per ranker ``Δ rank-R`` =
+    rank − baseline in AP points (baseline: single, or multi for multi-scale sets).
+
+    ``attrs`` is :func:`attribute_frame`. A method without a value's AP is ``—``.
+    """
+    keys = ["dataset", "detector", "scales", "attribute", "value"]
+    if attrs.empty:
+        return pd.DataFrame(columns=[*keys[:3], "faces"])
+    wide = attrs.pivot_table(index=keys, columns="method", values="ap", aggfunc="first")
+    methods = sorted(wide.columns, key=lambda m: (METHOD_ORDER.index(method_family(m)) if method_family(m) in METHOD_ORDER
+                                                  else len(METHOD_ORDER), m))
+    wide = wide.reset_index()
+    base = wide["single"] if "single" in wide else pd.Series(np.nan, index=wide.index)
+    if "multi" in wide:
+        base = base.fillna(wide["multi"])
+    order = list(ATTRIBUTE_VALUES)
+    wide = wide.assign(_a=wide["attribute"].map(lambda a: order.index(a) if a in order else len(order)),
+                       _v=pd.to_numeric(wide["value"], errors="coerce"))
+    wide = wide.sort_values(["dataset", "detector", "scales", "_a", "_v", "value"], kind="stable")
+    base = base.loc[wide.index]
+    out = wide[keys[:3]].copy()
+    out["faces"] = [f"{a}: {ATTRIBUTE_VALUES.get(a, {}).get(v, v)} ({v})" for a, v in zip(wide["attribute"], wide["value"])]
+    for m in methods:
+        out[m] = wide[m].map(_pct)
+    for m in (m for m in methods if method_family(m) == "rank"):
+        out[f"Δ {m}"] = (wide[m] - base).map(_delta)
+    return out.reset_index(drop=True)
+
+
+def cv_summary(deltas: pd.DataFrame) -> pd.DataFrame:
+    """Mean and sd (ddof 1; NaN for one fold) over folds of ΔAP = ap_rank − ap_single.
+
+    ``deltas`` follows the cross-validation contract (:data:`CV_COLUMNS`, one row per
+    ranker, detector, fold and subset). One row per cv, scales, detector, ranker and subset:
+    mean, sd (fractions of AP), folds (count).
+    """
+    keys = ["cv", "scales", "detector", "ranker", "subset"]
+    grouped = deltas.groupby(keys, sort=True)["delta"]
+    out = grouped.agg(mean="mean", sd="std", folds="count").reset_index()
+    order = {s: i for i, s in enumerate(CV_SUBSETS)}
+    return out.sort_values([*keys[:4], "subset"], key=lambda c: c.map(order) if c.name == "subset" else c,
+                           kind="stable").reset_index(drop=True)
+
+
+def cv_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """The cross-validation table: ΔAP mean ± sd (AP points) per subset, one row per cv,
+    scale set, detector and ranker variant. ``summary`` is :func:`cv_summary`."""
+    keys = ["cv", "scales", "detector", "ranker"]
+    cell = summary.assign(text=[f"{_delta(m)} ± {MISSING if not np.isfinite(sd) else f'{100 * sd:.1f}'}"
+                                for m, sd in zip(summary["mean"], summary["sd"])])
+    subsets = [s for s in CV_SUBSETS if s in set(summary["subset"])]
+    wide = cell.pivot(index=keys, columns="subset", values="text").reindex(columns=subsets)
+    folds = summary.groupby(keys)["folds"].max()
+    out = wide.reset_index()
+    out.insert(4, "folds", folds.loc[[tuple(r) for r in out[keys].itertuples(index=False)]].to_numpy())
+    return out.rename(columns={"ranker": "variant", **{s: f"ΔAP {s.capitalize()}" for s in subsets}})
+
+
+def found_faces(gt: pd.DataFrame, boxes: pd.DataFrame, threshold: float, iou: float = 0.5) -> np.ndarray:
+    """Per ground-truth row: True when a box of its image scoring above ``threshold`` overlaps
+    it with IoU >= ``iou`` (+1 pixel convention, as the evaluation; no one-to-one matching).
+
+    ``gt`` and ``boxes`` have ``image_id`` and x1, y1, x2, y2 in original-image pixels;
+    ``boxes`` also ``score``.
+    """
+    found = np.zeros(len(gt), bool)
+    kept = boxes[boxes["score"] > threshold]
+    by_image = {k: v for k, v in kept.groupby(kept["image_id"].astype(str), sort=False)[["x1", "y1", "x2", "y2"]]}
+    rows = np.arange(len(gt))
+    for image_id, idx in pd.Series(rows).groupby(gt["image_id"].astype(str).to_numpy(), sort=False):
+        dets = by_image.get(image_id)
+        if dets is not None:
+            faces = gt[["x1", "y1", "x2", "y2"]].to_numpy()[idx.to_numpy()]
+            found[idx.to_numpy()] = (iou_plus_one(dets.to_numpy(), faces) >= iou).any(axis=0)
+    return found
+
+
+def evaluated_faces(gt: pd.DataFrame) -> np.ndarray:
+    """The faces the protocol scores: the hard keep list when the gt has keep lists, else
+    every face not marked ``ignore``."""
+    if all(c in gt for c in SUBSETS) and gt["hard"].any():
+        return gt["hard"].to_numpy(bool)
+    return ~gt["ignore"].to_numpy(bool) if "ignore" in gt else np.ones(len(gt), bool)
+
+
+def changed_images(image_ids: pd.Series, base: np.ndarray, rank: np.ndarray, count: int) -> pd.DataFrame:
+    """The ``count`` images where re-ranking changed the most faces found.
+
+    ``base``/``rank``: :func:`found_faces` of the same gt rows (``image_ids``). Returns image_id,
+    gained (faces found by rank only), lost (found by the baseline only), sorted by
+    gained + lost descending, then image_id.
+    """
+    frame = pd.DataFrame({"image_id": image_ids.astype(str).to_numpy(), "gained": rank & ~base, "lost": base & ~rank})
+    per = frame.groupby("image_id", sort=True)[["gained", "lost"]].sum().reset_index()
+    per["changed"] = per["gained"] + per["lost"]
+    per = per.sort_values(["changed", "image_id"], ascending=[False, True], kind="stable")
+    return per.head(count)[["image_id", "gained", "lost"]].reset_index(drop=True)
 
 
 def latency_ms(latency: pd.DataFrame) -> float:
@@ -244,24 +376,51 @@ def loss_figure(logs: Mapping[str, pd.DataFrame]):
     return fig
 
 
-def examples_figure(image_rgb: np.ndarray, boxes: Mapping[str, pd.DataFrame], gt: pd.DataFrame, title: str,
-                    threshold: float = 0.5):
-    """One image per method with its boxes scoring above ``threshold`` (seed 000, Fig. 8).
+def cv_figure(summary: pd.DataFrame, title: str):
+    """ΔAP (AP points) per ranker variant, one panel per subset, one marker per detector:
+    the mean over folds with ± sd error bars. ``summary`` is :func:`cv_summary` of one cv."""
+    subsets = [s for s in CV_SUBSETS if s in set(summary["subset"])]
+    variants = sorted(summary["ranker"].unique())
+    groups = sorted({(d, sc) for d, sc in zip(summary["detector"], summary["scales"])})
+    fig, axes = _figure(max(1, len(subsets)), width=max(3.5, 1.2 + 0.6 * len(variants)))
+    x = np.arange(len(variants))
+    width = 0.8 / max(1, len(groups))
+    for ax, subset in zip(axes, subsets):
+        for i, (det, sc) in enumerate(groups):
+            part = summary[(summary["subset"] == subset) & (summary["detector"] == det) & (summary["scales"] == sc)]
+            part = part.set_index("ranker").reindex(variants)
+            ax.errorbar(x - 0.4 + width * (i + 0.5), 100 * part["mean"], yerr=100 * part["sd"].fillna(0),
+                        fmt="o", capsize=3, label=f"{det} ({sc})")
+        ax.axhline(0, color="0.5", lw=0.8)
+        ax.set_xticks(x, variants, rotation=30, ha="right", fontsize=8)
+        ax.set(title=f"{title} — {subset}", ylabel="ΔAP rank − single (points)")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
-    ``image_rgb``: HxWx3 uint8. ``boxes`` maps a method to its final boxes of this image
-    (x1, y1, x2, y2, score in image pixels); ground truth is drawn dashed.
+
+def examples_figure(image_rgb: np.ndarray, panels: Mapping[str, tuple[pd.DataFrame, np.ndarray]], gt: pd.DataFrame,
+                    title: str, threshold: float = 0.5):
+    """One image per method side by side (seed 000, Fig. 8): boxes scoring above ``threshold``
+    in green, evaluated faces missed by them in red, found ones dashed white.
+
+    ``image_rgb``: HxWx3 uint8. ``panels`` maps a method to (its final boxes of this image,
+    x1, y1, x2, y2, score in image pixels; :func:`found_faces` of ``gt``'s rows). ``gt``: the
+    evaluated faces of this image.
     """
     from matplotlib.patches import Rectangle
 
-    fig, axes = _figure(max(1, len(boxes)), width=4.5, height=4.5)
-    for ax, (method, dets) in zip(axes, boxes.items()):
+    fig, axes = _figure(max(1, len(panels)), width=4.5, height=4.5)
+    for ax, (method, (dets, found)) in zip(axes, panels.items()):
         ax.imshow(image_rgb)
-        for r in gt.itertuples(index=False):
-            ax.add_patch(Rectangle((r.x1, r.y1), r.x2 - r.x1, r.y2 - r.y1, fill=False, ec="white", ls="--", lw=0.8))
         kept = dets[dets["score"] > threshold]
         for r in kept.itertuples(index=False):
-            ax.add_patch(Rectangle((r.x1, r.y1), r.x2 - r.x1, r.y2 - r.y1, fill=False, ec="lime", lw=1.2))
-        ax.set(title=f"{method}: {len(kept)} boxes > {threshold}")
+            ax.add_patch(Rectangle((r.x1, r.y1), r.x2 - r.x1, r.y2 - r.y1, fill=False, ec="lime", lw=1.0))
+        for r, hit in zip(gt.itertuples(index=False), found):
+            ax.add_patch(Rectangle((r.x1, r.y1), r.x2 - r.x1, r.y2 - r.y1, fill=False, lw=0.8 if hit else 1.6,
+                                   ec="white" if hit else "red", ls="--" if hit else "-"))
+        ax.set_title(f"{method}: {int(np.sum(found))}/{len(gt)} faces found, {len(kept)} boxes > {threshold}", fontsize=9)
         ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()

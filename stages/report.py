@@ -209,6 +209,12 @@ def _baseline(methods: set[str]) -> str | None:
     return next((m for m in ("single", "multi") if m in methods), None)
 
 
+def _change(ex, base: str, rank: str) -> str:
+    if ex.gained + ex.lost == 0:
+        return f"{rank} and {base} find the same faces"
+    return f"{rank} finds {ex.gained} face(s) that {base} misses and misses {ex.lost} that {base} finds"
+
+
 def example_figures(layout: Layout, metrics: pd.DataFrame, figs: Figures, count: int, threshold: float) -> None:
     """Per dataset, detector, scale set and ranker: the ``count`` images where re-ranking
     changed the most faces found (a box > ``threshold`` at IoU >= 0.5), baseline and rank side by side."""
@@ -239,9 +245,9 @@ def example_figures(layout: Layout, metrics: pd.DataFrame, figs: Figures, count:
                                          threshold)
                 figs.save("Examples: where re-ranking changed the most", f"{ds} / {det} / {sset} / {rank} / {ex.image_id}",
                           f"example_{_slug(ds, det, sset, rank, ex.image_id)}.png", fig,
-                          f"{ex.image_id}: {rank} finds {ex.gained} face(s) that {base} misses and misses {ex.lost} "
-                          f"that {base} finds (a box scoring > {threshold} at IoU >= 0.5; evaluated faces only), "
-                          f"one of the {count} images of {ds} where this changed most. Green: boxes > {threshold}; "
+                          f"{ex.image_id}: {_change(ex, base, rank)} (found: a box scoring > {threshold} at IoU "
+                          f">= 0.5; evaluated faces only); one of the {count} images of {ds} where the most faces "
+                          f"changed (gained + lost, ties by image id). Green: boxes > {threshold}; "
                           f"red: faces missed; dashed white: faces found. From {figs.files(paths[base], paths[rank])} "
                           f"and {figs.files(layout.gt(ds))}.")
 
