@@ -16,9 +16,10 @@ from snakemake.utils import validate
 
 from pipeline.config import SCALE_SETS, detection_sets, expand as expand_results, ranker_args, used_rankers, validate_config
 from pipeline.detectors.registry import DETECTORS
+from pipeline.provenance import code_hash
 from pipeline.shards import config_hash
 from stages.layout import Layout
-from stages.run import SCHEMA, code_hash, load_schema
+from stages.run import SCHEMA, load_schema
 
 
 configfile: str(Path(workflow.basedir) / "config" / "config.yaml")

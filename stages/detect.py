@@ -7,13 +7,15 @@ sha256-checked cache, and writes one detections shard and its latency side table
     DATA/interim/detections/dataset=D/detector=DET/scales=SET/part-K.parquet
     DATA/interim/latency/dataset=D/detector=DET/scales=SET/part-K.parquet
 
-A shard whose two files already exist with the same provenance (detector, weights sha256,
-scale set, shard, precision, images table checksum, code version) is skipped.
+A shard whose two files already exist and are up to date is skipped:
+:func:`pipeline.provenance.up_to_date` compares the provenance keys that decide it (settings
+including shard and precision, detector, weights sha256, scale set, the images table's
+sha256, and ``code``, the hash of this module's import closure that the Snakefile's
+``code`` param also uses), not the rule name, the working folder or unrelated code.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +33,7 @@ from pipeline.detectors import registry, weights as weights_cache
 from pipeline.detectors.base import Detector
 from pipeline.errors import ConfrankError
 from pipeline.imaging import decode_image, to_chw_tensor
+from pipeline.provenance import code_hash, up_to_date
 from pipeline.scales import SCALE_SETS, scale_set
 from pipeline.shards import provenance, read_metadata, read_table, sha256_file, shard_members, write_table
 from stages.layout import Layout, data_dir_option, parse_shard
@@ -106,20 +109,14 @@ def shard_metadata(dataset: str, detector: str, scales: str, shard: tuple[int, i
     return provenance(
         "detect", config, inputs=[images_path], detector=detector, scale_set=scales,
         weights={name: sha256_file(path) for name, path in sorted(weight_files.items())},
+        code=code_hash("stages.detect"),  # the Snakefile's `code` param of detect_shard
     )
 
 
 def is_complete(paths: tuple[Path, Path], meta: dict[str, Any]) -> bool:
-    """True when both outputs exist and each records every key of ``meta`` with the same
-    value (keys the writer adds, like ``table`` or ``cpu_fallback``, are not compared)."""
-    return all(p.is_file() and _matches(read_metadata(p), meta) for p in paths)
-
-
-def _matches(stored: dict[str, Any], meta: dict[str, Any]) -> bool:
-    def canon(value: Any) -> str:
-        return json.dumps(value, sort_keys=True, default=str)
-
-    return all(key in stored and canon(stored[key]) == canon(value) for key, value in meta.items())
+    """True when both outputs exist and each is :func:`pipeline.provenance.up_to_date` with
+    ``meta`` (however and from wherever it was written)."""
+    return all(p.is_file() and up_to_date(read_metadata(p), meta) for p in paths)
 
 
 def build_detector(name: str, weight_files: dict[str, Path], device: torch.device, amp: str,

@@ -18,7 +18,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from stages.run import ROOT, code_hash, module_closure, snakemake_command
+from pipeline.provenance import code_hash, module_closure
+from stages.run import ROOT, snakemake_command
 
 pytestmark = pytest.mark.xdist_group("dag")
 

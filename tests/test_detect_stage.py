@@ -84,6 +84,32 @@ def test_complete_shard_is_skipped_and_recompute_is_identical(tmp_path, shared):
     assert path.read_bytes() == first
 
 
+def test_skip_does_not_depend_on_how_or_where_it_was_run(tmp_path, shared, monkeypatch):
+    """A shard written by a snakemake job (rule name set, run from the workflow folder) is up
+    to date for the same command by hand from another folder, after an edit to code the stage
+    does not import; an edit to the stage's own code (its `code` hash) recomputes it."""
+    import pipeline.shards
+    import stages.detect
+
+    layout, _, _ = make_dataset(tmp_path, shared, n=1)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CONFRANK_RULE", "detect_shard")
+    path, computed = run_detect("tiny", DETECTOR, "original", (0, 1), layout, torch.device("cpu"), workers=0)
+    assert computed and read_metadata(path)["inputs"].keys() == {"data/interim/index/tiny/images.parquet"}
+    mtime = path.stat().st_mtime_ns
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("CONFRANK_RULE")
+    monkeypatch.setattr(pipeline.shards, "code_version", lambda: "0.1.0+edited")  # e.g. a docstring in report.py
+    _, computed = run_detect("tiny", DETECTOR, "original", (0, 1), layout, torch.device("cpu"), workers=0)
+    assert not computed and path.stat().st_mtime_ns == mtime
+    monkeypatch.setattr(stages.detect, "code_hash", lambda *modules: "0" * 16)  # the stage's code changed
+    _, computed = run_detect("tiny", DETECTOR, "original", (0, 1), layout, torch.device("cpu"), workers=0)
+    meta = read_metadata(path)
+    assert computed and meta["code"] == "0" * 16 and meta["rule"] == ""
+
+
 def test_multi_scale_set_with_flips(tmp_path, shared):
     layout, _, _ = make_dataset(tmp_path, shared, n=1)
     path, _ = run_detect("tiny", "slim", "wider-multi", (0, 1), layout, torch.device("cpu"), workers=0)
