@@ -90,13 +90,19 @@ def _copy_small_widerface(tmp_path, n=3):
 
 
 def test_index_missing_image_is_an_error_naming_it(tmp_path, capsys):
-    root = _copy_small_widerface(tmp_path)
-    victim = sorted((root / "WIDER_val" / "images").rglob("*.jpg"))[1]
-    victim.unlink()
+    root = _copy_small_widerface(tmp_path, n=4)
+    images = sorted((root / "WIDER_val" / "images").rglob("*.jpg"))
+    images[1].unlink()
     code, _, err = run_cli(["index", "--name", "x", "--root", str(root), "--data-dir", str(tmp_path / "data")], capsys)
     assert code == 1
-    assert str(victim) in err and "missing" in err
-    assert not (tmp_path / "data" / "interim" / "index" / "x" / "images.parquet").exists()
+    assert err == f"confrank: error: {images[1]}: image listed in the annotations is missing\n"
+    assert not (tmp_path / "data").exists()
+    for victim in images[2:]:
+        victim.unlink()
+    code, _, err = run_cli(["index", "--name", "x", "--root", str(root), "--data-dir", str(tmp_path / "data")], capsys)
+    assert code == 1
+    assert err == f"confrank: error: {images[1]}: image listed in the annotations is missing (and 2 more)\n"
+    assert not (tmp_path / "data").exists()
 
 
 def test_index_malformed_line_names_file_and_line(tmp_path, capsys):
@@ -124,12 +130,20 @@ def test_index_png_named_jpg_grey_and_cmyk(tmp_path, capsys):
     assert (table.width == 416).all()
 
 
-def test_index_truncated_image_fails(tmp_path, capsys):
+@pytest.mark.parametrize("damage", ["zero-byte", "not an image", "cut inside the header"])
+def test_index_zero_byte_or_undecodable_image_fails(tmp_path, capsys, damage):
+    """index reads every image's header: an image whose header cannot be read stops it,
+    naming the image (a JPEG cut after its header passes: test_reliability_inputs.py)."""
     root = _copy_small_widerface(tmp_path)
-    victim = sorted((root / "WIDER_val" / "images").rglob("*.jpg"))[0]
-    victim.write_bytes(b"")
+    victim = sorted((root / "WIDER_val" / "images").rglob("*.jpg"))[1]
+    content = {"zero-byte": b"", "not an image": b"<html>404 Not Found</html>\n",
+               "cut inside the header": victim.read_bytes()[:300]}[damage]
+    victim.write_bytes(content)
     code, _, err = run_cli(["index", "--name", "x", "--root", str(root), "--data-dir", str(tmp_path / "data")], capsys)
-    assert code == 1 and str(victim) in err and "readable image" in err
+    assert code == 1
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"confrank: error: {victim}: expected a readable image"), err
+    assert not (tmp_path / "data").exists()
 
 
 def test_index_generic_boxes_csv(tmp_path, capsys):
