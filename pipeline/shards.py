@@ -240,7 +240,8 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
 
     On any exception (including a full disk) the temporary file is removed and ``path`` is
     left as it was: the final name never holds a partial file. Temporary names start with a
-    dot and carry the process id, so a stale one from a killed job never collides.
+    dot and carry the process id, so a stale one from a killed job never collides. An
+    ``OSError`` that names no file (pyarrow's write errors) is raised again naming ``path``.
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -252,9 +253,11 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, os.strerror(exc.errno), str(final)) from exc
         raise
 
 
