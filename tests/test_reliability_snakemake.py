@@ -39,6 +39,23 @@ def write_config(workdir: Path, weights: Path) -> None:
     (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
 
+def detecting(group: int) -> bool:
+    """Whether the ``confrank detect`` process of process group ``group`` is detecting: its
+    DataLoader decode workers (its child processes) exist, which happens only once the
+    weights are loaded and the images are being read. Linux (/proc)."""
+    processes = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            argv = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # the process ended meanwhile
+            continue
+        processes.append((int(stat.parent.name), int(fields[1]), int(fields[2]), argv))
+    detect = {pid for pid, _, pgrp, argv in processes
+              if pgrp == group and Path(argv[0].decode()).name.startswith("python") and b"detect" in argv and b"--scales" in argv}
+    return any(ppid in detect for _, ppid, _, _ in processes)
+
+
 def snakemake(workdir: Path, *args: str, **popen) -> subprocess.Popen:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
            "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -77,10 +94,10 @@ def test_killed_snakemake_run_completes_with_rerun_incomplete(tmp_path, weights_
     proc = snakemake(killed, "detect", start_new_session=True)
     try:
         deadline = time.monotonic() + 240
-        while not log.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert log.exists(), f"the detect job never started: {proc.stdout.read() if proc.poll() is not None else ''}"
-        time.sleep(3)  # the job is importing torch or detecting; it cannot have finished
+        while not (log.exists() and detecting(proc.pid)) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert log.exists() and detecting(proc.pid), \
+            f"the detect job never started detecting: {proc.stdout.read() if proc.poll() is not None else ''}"
         assert proc.poll() is None and not shard0.exists()
         os.killpg(proc.pid, signal.SIGKILL)  # snakemake, its shell and the detect process
         proc.wait(timeout=30)
