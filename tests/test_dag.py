@@ -7,6 +7,7 @@ Snakefile. Rerun triggers are checked on a workflow whose outputs were marked co
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -199,6 +200,8 @@ def test_tiny_dag_end_to_end(tmp_path: Path):
     html = (report / "report.html").read_text()
     assert "mtcnn" in html and "rank-small" in html and "keep_singletons" in html
     assert "single" in (report / "report.md").read_text()
+    voted = json.loads((tmp_path / "data" / "processed" / "metrics" / "sample1" / "mtcnn" / "wider-multi" / "multi.json").read_text())
+    assert voted["postprocess"]["fusion"] == "voting" and voted["n_images"] == 1 and voted["n_detections"] > 0
     assert planned_jobs(snakemake(tmp_path, "-n")) == []
     # a changed ranker setting really reruns: train replaces its finished run's checkpoint,
     # and nothing upstream of train runs again
