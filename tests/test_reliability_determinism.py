@@ -5,10 +5,17 @@ whose other columns must still be equal.
 
 index -> detect (2 shards) -> oracle -> nms single/oracle -> train (box-only ranker) ->
 rerank -> nms rank -> evaluate, on 6 real widerface416 images with the slim detector.
+A second test runs oracle -> nms -> rerank (box-only and image-branch rankers) -> nms rank ->
+evaluate in two separate interpreters with different hash seeds.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +23,7 @@ import torch
 
 from pipeline.cli import main
 from pipeline.shards import read_table
-from tests.conftest import need_shared
+from tests.conftest import ROOT, need_shared
 from tests.test_reliability_inputs import copy_widerface
 
 #: files holding measured times, and the columns that are measured
@@ -94,3 +101,51 @@ def test_same_inputs_give_byte_identical_outputs(tmp_path, capsys, weights_dir, 
         left = read_table(tmp_path / "a" / rel, kind).drop(columns=column)
         right = read_table(tmp_path / "b" / rel, kind).drop(columns=column)
         assert left.equals(right), rel
+
+
+#: ``python -c`` program: run ``confrank`` once per argument list of the JSON in argv[1]
+CHAIN = "import json, sys\nfrom pipeline.cli import main\nfor args in json.loads(sys.argv[1]):\n    main(args)\n"
+
+
+def test_oracle_nms_rerank_evaluate_are_identical_across_processes(tmp_path, capsys, weights_dir, monkeypatch):
+    """The CPU stages after detect, each chain in its own interpreter (another hash seed):
+    oracle, nms single/oracle, rerank with a box-only and an image-branch (FPN) ranker, nms
+    rank, evaluate. Detections and rankers are made once, in this process, and copied."""
+    monkeypatch.setenv("CONFRANK_WEIGHTS", str(weights_dir))
+    torch.set_num_threads(1)
+    root, _ = copy_widerface(tmp_path / "ds", n=4)
+    data = tmp_path / "made" / "data"
+    sel = ["--dataset", "x", "--detector", "slim", "--scales", "original"]
+    run(["index", "--name", "x", "--root", root, "--data-dir", data], capsys)
+    for k in range(2):
+        run(["detect", *sel, "--shard", f"{k}/2", "--device", "cpu", "--workers", "0", "--data-dir", data], capsys)
+    run(["oracle", *sel, "--data-dir", data], capsys)
+    rankers = {"box": ["--image-branch", "none"], "img": ["--image-branch", "fpn", "--image-size", "64", "--no-pretrained"]}
+    for name, branch in rankers.items():
+        run(["train", "--datasets", "x", "--detectors", "slim", "--scales", "original", "--ranker", name, *branch,
+             "--backbone", "mobilenet", "--iterations", "2", "--batch-size", "2", "--num-boxes", "64", "--workers", "0",
+             "--device", "cpu", "--data-dir", data], capsys)
+    shutil.rmtree(data / "interim" / "oracle")  # recomputed in each chain
+    chain = [["oracle", *sel], *[["nms", *sel, "--method", m] for m in ("single", "oracle")]]
+    for name in rankers:
+        chain += [["rerank", *sel, "--ranker", name, "--device", "cpu"], ["nms", *sel, "--method", "rank", "--ranker", name]]
+    chain += [["evaluate", *sel, "--method", m, "--format", "json"] for m in ("single", "oracle", "rank-box", "rank-img")]
+    chain = [[*args, "--data-dir", "data"] for args in chain]
+    procs = []
+    for folder, seed in (("a", "1"), ("b", "2")):
+        shutil.copytree(tmp_path / "made", tmp_path / folder)
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONHASHSEED": seed, "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-c", CHAIN, json.dumps(chain)], cwd=tmp_path / folder, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for proc in procs:
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out
+    files = {x: {p.relative_to(tmp_path / x): p.read_bytes() for p in sorted((tmp_path / x).rglob("*")) if p.is_file()}
+             for x in "ab"}
+    assert files["a"].keys() == files["b"].keys()
+    made = {p.relative_to(tmp_path / "made") for p in (tmp_path / "made").rglob("*") if p.is_file()}
+    computed = sorted(str(rel) for rel in files["a"].keys() - made)
+    for part in ("interim/oracle/", "interim/reranked/ranker=box/", "interim/reranked/ranker=img/", "/single.parquet",
+                 "/oracle.parquet", "/rank-box.parquet", "/rank-img.json", "/rank-img.png"):
+        assert any(part in rel for rel in computed), (part, computed)
+    assert [rel for rel in computed if files["a"][Path(rel)] != files["b"][Path(rel)]] == []
