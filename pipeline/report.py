@@ -418,7 +418,7 @@ def examples_figure(image_rgb: np.ndarray, panels: Mapping[str, tuple[pd.DataFra
         for r in kept.itertuples(index=False):
             ax.add_patch(Rectangle((r.x1, r.y1), r.x2 - r.x1, r.y2 - r.y1, fill=False, ec="lime", lw=1.0))
         for r, hit in zip(gt.itertuples(index=False), found):
-            ax.add_patch(Rectangle((r.x1, r.y1), r.x2 - r.x1, r.y2 - r.y1, fill=False, lw=0.8 if hit else 1.6,
+            ax.add_patch(Rectangle((r.x1, r.y1), r.x2 - r.x1, r.y2 - r.y1, fill=False, lw=0.8 if hit else 2.2,
                                    ec="white" if hit else "red", ls="--" if hit else "-"))
         ax.set_title(f"{method}: {int(np.sum(found))}/{len(gt)} faces found, {len(kept)} boxes > {threshold}", fontsize=9)
         ax.axis("off")
