@@ -166,7 +166,7 @@ def test_index_generic_boxes_csv(tmp_path, capsys):
 
 def test_inspect_text_and_json(tmp_path, capsys):
     root = need_shared("widerface416")
-    run_cli(["index", "--name", "w", "--root", str(root), "--data-dir", str(tmp_path)], capsys)
+    assert run_cli(["index", "--name", "w", "--root", str(root), "--data-dir", str(tmp_path)], capsys)[0] == 0
     code, out, _ = run_cli(["inspect", str(Layout(tmp_path).gt("w")), "--format", "json"], capsys)
     report = json.loads(out)
     assert report["table"] == "gt" and report["rows"] == 1586

@@ -134,6 +134,7 @@ def test_truncated_jpeg_passes_index_and_fails_detect(tmp_path, capsys, weights_
     index(root, tmp_path / "data", capsys)
     code, _, err = run_cli([*DETECT, "--data-dir", tmp_path / "data"], capsys)
     assert code == 1 and str(images[0]) in one_line_error(err)
+    assert leftovers(tmp_path / "data") == []  # no shard written
 
 
 # ----------------------------------------------------------------------------- annotations
