@@ -230,12 +230,12 @@ def found_faces(gt: pd.DataFrame, boxes: pd.DataFrame, threshold: float, iou: fl
     found = np.zeros(len(gt), bool)
     kept = boxes[boxes["score"] > threshold]
     by_image = {k: v for k, v in kept.groupby(kept["image_id"].astype(str), sort=False)[["x1", "y1", "x2", "y2"]]}
-    rows = np.arange(len(gt))
-    for image_id, idx in pd.Series(rows).groupby(gt["image_id"].astype(str).to_numpy(), sort=False):
+    faces = gt[["x1", "y1", "x2", "y2"]].to_numpy()
+    for image_id, idx in pd.Series(np.arange(len(gt))).groupby(gt["image_id"].astype(str).to_numpy(), sort=False):
         dets = by_image.get(image_id)
         if dets is not None:
-            faces = gt[["x1", "y1", "x2", "y2"]].to_numpy()[idx.to_numpy()]
-            found[idx.to_numpy()] = (iou_plus_one(dets.to_numpy(), faces) >= iou).any(axis=0)
+            rows = idx.to_numpy()
+            found[rows] = (iou_plus_one(dets.to_numpy(), faces[rows]) >= iou).any(axis=0)
     return found
 
 
