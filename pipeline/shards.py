@@ -5,6 +5,13 @@ Every table the pipeline stores is declared here (``SCHEMAS``). Coordinates are 
 dictionary-encoded, files are zstd-compressed, and provenance (producing stage, config,
 code version, input checksums) lives in the schema-level metadata under the key ``confrank``.
 
+Hive keys: a file under ``key=value`` folders (``detections/dataset=D/detector=DET/scales=S/``)
+does not store a column named by one of its path keys: the path is the one source of that
+value. :func:`write_table` checks that the column holds only the path's value and leaves it
+out; :func:`read_table` puts it back from the path. So a whole tree opens as one table in
+pandas, dask, ``pyarrow.dataset(..., partitioning="hive")`` and duckdb (``hive_partitioning``),
+which all refuse or mistype a column that is both in the files and in the path.
+
 Writes go to a temporary file in the destination folder, are fsync'ed, then renamed over the
 final name, so a final path never holds a half-written file. Nothing time-dependent is
 stored, so the same inputs give byte-identical files.
@@ -285,6 +292,7 @@ def write_table(
     if sort_by:
         order = _sort_indices(table, sort_by)
         table = table.take(order)
+    table = _drop_path_keys(table, path)
     record = {"table": kind, **dict(metadata or {})}
     meta = {META_KEY: json.dumps(record, sort_keys=True, default=str).encode()}
     table = table.replace_schema_metadata(meta)
@@ -301,6 +309,25 @@ def _sort_indices(table: pa.Table, sort_by: Sequence[tuple[str, str]]) -> pa.Arr
         keys[name] = col.cast(pa.string()) if pa.types.is_dictionary(col.type) else col
     proxy = pa.table(keys)
     return pa.compute.sort_indices(proxy, sort_keys=list(sort_by))
+
+
+def path_keys(path: str | Path) -> dict[str, str]:
+    """The hive keys of a file's folders: ``.../detector=slim/scales=8k/part-0.parquet`` ->
+    ``{"detector": "slim", "scales": "8k"}``."""
+    return dict(part.split("=", 1) for part in Path(path).parent.parts if "=" in part)
+
+
+def _drop_path_keys(table: pa.Table, path: str | Path) -> pa.Table:
+    """``table`` without the columns named by a hive key of ``path``, after checking that
+    each holds only the path's value (SchemaError naming the file otherwise)."""
+    for name, value in path_keys(path).items():
+        if name not in table.column_names:
+            continue
+        values = pa.compute.unique(table.column(name).cast(pa.string())).to_pylist()
+        if values and values != [value]:
+            raise SchemaError(f"{path}: column {name!r} holds {sorted(map(str, values))}, but the path says {name}={value}")
+        table = table.drop_columns([name])
+    return table
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -332,7 +359,7 @@ def check_file_schema(path: str | Path, kind: str) -> pa.Schema:
         raise SchemaError(f"{path}: not a readable Parquet file ({exc})") from exc
     spec = {c.name: c for c in _spec(kind)}
     names = set(schema.names)
-    missing = [n for n, c in spec.items() if c.required and n not in names]
+    missing = [n for n, c in spec.items() if c.required and n not in names | set(path_keys(path))]
     unknown = sorted(names - set(spec))
     wrong = []
     for field in schema:
@@ -353,11 +380,20 @@ def read_table(path: str | Path, kind: str, columns: Sequence[str] | None = None
     """Read one Parquet file of contract ``kind`` into pandas, rejecting a wrong schema.
 
     Dictionary columns come back as pandas ``category``; numeric columns keep their stored
-    dtypes (float32 boxes and scores).
+    dtypes (float32 boxes and scores). A contract column that the file leaves to its path
+    (a hive key, such as ``detector``) is filled in from the path.
     """
-    check_file_schema(path, kind)
-    table = pq.read_table(path, columns=list(columns) if columns else None)
-    return table.to_pandas()
+    stored = check_file_schema(path, kind).names
+    spec = [c.name for c in _spec(kind)]
+    keys = {k: v for k, v in path_keys(path).items() if k in spec and k not in stored}
+    wanted = list(columns) if columns else None
+    table = pq.read_table(path, columns=[c for c in wanted if c not in keys] if wanted else None)
+    for name, value in keys.items():
+        if wanted is None or name in wanted:
+            type_ = arrow_schema(kind, [name]).field(0).type
+            table = table.append_column(name, pa.array([value] * table.num_rows, pa.string()).cast(type_))
+    order = wanted or [name for name in spec if name in table.column_names]
+    return table.select(order).to_pandas()
 
 
 def read_tables(paths: Sequence[str | Path], kind: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
