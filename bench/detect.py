@@ -1,4 +1,5 @@
-"""Detector throughput: images/s of the detect loop against a naive per-image loop.
+"""Detector throughput: images/s of the detect loop against a naive per-image loop and
+against the network alone.
 
 For each detector with weights in the cache (``CONFRANK_WEIGHTS`` or ``--weights DIR``):
 
@@ -7,13 +8,19 @@ For each detector with weights in the cache (``CONFRANK_WEIGHTS`` or ``--weights
   long edge is 7680 px.
 
 The measured path is :class:`pipeline.detect.DetectLoop` (batches of equal input size,
-resize with torch on the detector's device, vectorised prior boxes cached per size, decode
-on the device, ``inference_mode``). The baseline, measured in the same run on the same
-decoded images, is the reference test script's loop: one image at a time, cv2 float resize
-on the CPU, prior boxes from the Python loop, decode, threshold and sort. Each path runs one
-image untimed first (warm-up; it also fills the prior cache, as a shard of many images of
-one size would), then the best of ``--repeats`` timed runs is kept (1 at 8K).
-JPEG decoding is not timed (the stage does it in DataLoader workers).
+resize with torch on the detector's device, vectorised prior boxes cached per size, only the
+kept priors decoded, on the device, ``inference_mode``). Two references, measured in the same
+run on the same decoded images:
+
+- naive: the reference test script's loop: one image at a time, cv2 float resize on the CPU,
+  prior boxes from the Python loop, every prior decoded, threshold and sort;
+- forward: the network alone (``detector.net``) on inputs resized, mean-subtracted and
+  batched as the loop batches them, prepared before the clock starts: the floor of any
+  detect loop. ``loop/fwd`` is the loop's time over it (1.00 = no cost outside the network).
+
+Each path runs one image untimed first (warm-up; it also fills the prior cache, as a shard
+of many images of one size would), then the best of ``--repeats`` timed runs is kept (1 at
+8K). JPEG decoding is not timed (the stage does it in DataLoader workers).
 
 Run: ``.venv/bin/python bench/detect.py [--device cpu|cuda] [--n 8] [--n8k 1] [--threads 2]``.
 """
@@ -33,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.detect import Decoded, DetectLoop  # noqa: E402
 from pipeline.detectors import registry, weights as weights_cache  # noqa: E402
 from pipeline.detectors.priors import BGR_MEAN, PriorBoxDetector, decode_boxes, prior_boxes_loop  # noqa: E402
-from pipeline.imaging import decode_image, resize_cv2, to_chw_tensor  # noqa: E402
+from pipeline.imaging import decode_image, resize_cv2, resize_tensor, to_chw_tensor  # noqa: E402
 from pipeline.runtime import keep_freed_memory  # noqa: E402
 from pipeline.scales import Scale, scale_set  # noqa: E402
 
@@ -58,20 +65,41 @@ def naive(detector: PriorBoxDetector, images: list[Decoded], scale: Scale) -> No
         boxes[keep][order].cpu()
 
 
-def timed(fn, images: list[Decoded], repeats: int) -> float:
-    """Images per second of ``fn`` over ``images``: the best of ``repeats`` runs (a shared
-    machine only ever slows a run down), after one warm-up image."""
-    fn(images[:1])
+def forward_batches(detector: PriorBoxDetector, images: list[Decoded], scale: Scale,
+                    batch_size: int) -> list[torch.Tensor]:
+    """The network inputs the loop builds for ``images`` (same batches), mean subtracted."""
+    loop = DetectLoop(detector, [scale], batch_size=batch_size)
+    batches = []
+    for start in range(0, len(images), batch_size):
+        for size, group in loop.batches(images[start:start + batch_size], scale):
+            batch = torch.empty((len(group), 3, size[1], size[0]), device=detector.device)
+            for i, item in enumerate(group):
+                resize_tensor(item.pixels.to(detector.device)[None], size, scale.factor(*item.size), out=batch[i:i + 1])
+            batches.append(batch - detector._mean)
+    return batches
+
+
+@torch.inference_mode()
+def forward(detector: PriorBoxDetector, batches: list[torch.Tensor]) -> None:
+    """The network alone on prepared inputs."""
+    for batch in batches:
+        detector.net(batch)
+
+
+def timed(fn, items: list, repeats: int) -> float:
+    """Seconds of ``fn(items)``: the best of ``repeats`` runs (a shared machine only ever
+    slows a run down), after one untimed warm-up call on the first item."""
+    fn(items[:1])
     best = float("inf")
     for _ in range(repeats):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         start = time.perf_counter()
-        fn(images)
+        fn(items)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
-    return len(images) / best
+    return best
 
 
 def main() -> None:
@@ -79,10 +107,13 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--n", type=int, default=8, help="images at original size")
     parser.add_argument("--n8k", type=int, default=1, help="images at 8K (slow on a CPU)")
-    parser.add_argument("--batch-size", type=int, default=4, help="images per network call (the detect stage default)")
+    parser.add_argument("--batch-size", type=int, default=4, help="images per network call at original size (the detect stage default)")
+    parser.add_argument("--batch-size-8k", type=int, default=1, help="images per network call at 8K (the DAG's 8k setting)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per path at original size (best kept)")
     parser.add_argument("--detectors", default=",".join(DETECTORS))
+    parser.add_argument("--naive", action=argparse.BooleanOptionalAction, default=True,
+                        help="measure the naive baseline (--no-naive: only the loop and the network)")
     parser.add_argument("--weights", type=Path, default=None, help="weights folder (default: the cache)")
     args = parser.parse_args()
     keep_freed_memory()  # as the confrank command does; both paths run under it
@@ -95,7 +126,8 @@ def main() -> None:
             "8k": [Decoded(p.stem, to_chw_tensor(decode_image(p))) for p in large]}
     print(f"device {device}, {args.threads} threads; original: {len(sets['original'])} images 416x416, "
           f"8k: {len(sets['8k'])} images {[d.size for d in sets['8k']]} -> long edge 7680")
-    print(f"{'detector':24s} {'scales':9s} {'naive img/s':>12s} {'loop img/s':>11s} {'ratio':>6s}")
+    print(f"{'detector':24s} {'scales':9s} {'naive img/s':>12s} {'loop img/s':>11s} {'ratio':>6s} "
+          f"{'fwd img/s':>10s} {'loop/fwd':>8s}")
     for name in args.detectors.split(","):
         info = registry.get_info(name)
         files = ({w: args.weights / f"{w}.pth" for w in info.weights} if args.weights
@@ -105,11 +137,16 @@ def main() -> None:
             if not images:
                 continue
             scale = scale_set(scales)[0]
-            repeats = args.repeats if scales == "original" else 1
-            base = timed(lambda imgs: naive(detector, imgs, scale), images, repeats)
-            loop = DetectLoop(detector, [scale], batch_size=args.batch_size)
+            repeats, batch_size = (args.repeats, args.batch_size) if scales == "original" else (1, args.batch_size_8k)
+            base = timed(lambda imgs: naive(detector, imgs, scale), images, repeats) if args.naive else float("nan")
+            loop = DetectLoop(detector, [scale], batch_size=batch_size)
             ours = timed(loop.run, images, repeats)
-            print(f"{name:24s} {scales:9s} {base:12.3f} {ours:11.3f} {ours / base:6.2f}x", flush=True)
+            batches = forward_batches(detector, images, scale, batch_size)
+            net = timed(lambda b: forward(detector, b), batches, repeats)
+            del batches
+            n = len(images)
+            print(f"{name:24s} {scales:9s} {n / base:12.3f} {n / ours:11.3f} {base / ours:5.2f}x "
+                  f"{n / net:10.3f} {ours / net:7.2f}x", flush=True)
 
 
 if __name__ == "__main__":

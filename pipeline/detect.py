@@ -58,12 +58,33 @@ class _Result:
     latency_ms: float
 
 
+@dataclass(frozen=True)
+class MemoryBudget:
+    """The memory the network calls of a loop may use: ``available`` bytes (host RAM for a
+    CPU detector, free GPU memory for a CUDA one) and ``per_pixel``, the detector's peak
+    working memory per network-input pixel in bytes (float32 input, feature maps, heads and
+    post-processing of one call)."""
+
+    available: int
+    per_pixel: float
+
+    def images_per_call(self, size: tuple[int, int], cap: int) -> int:
+        """How many images of input ``size`` = (width, height) fit in one call: 1 to ``cap``."""
+        return max(1, min(cap, int(self.available // self.bytes_for(size))))
+
+    def bytes_for(self, size: tuple[int, int]) -> float:
+        """Peak bytes of one image of input ``size`` = (width, height)."""
+        return self.per_pixel * size[0] * size[1]
+
+
 @dataclass
 class DetectLoop:
     """Runs ``detector`` over images at ``scales``.
 
-    ``cpu_fallback`` builds a CPU copy of the detector for images that do not fit in GPU
-    memory even alone (built at most once, on first need); without it such an image raises
+    ``batch_size`` caps the images per network call; with a ``memory`` budget, a call holds
+    only as many images of its input size as fit in it (at least one). ``cpu_fallback``
+    builds a CPU copy of the detector for images that do not fit in GPU memory even alone
+    (built at most once, on first need); without it such an image raises
     :class:`ConfrankError`. ``top_k`` caps the boxes kept per image and scale.
     """
 
@@ -72,8 +93,10 @@ class DetectLoop:
     batch_size: int = 8
     top_k: int = 5000
     cpu_fallback: Callable[[], Detector] | None = None
+    memory: MemoryBudget | None = None
     fallbacks: list[str] = field(default_factory=list)  # "image_id@scale" that ran on the CPU
     _cpu_detector: Detector | None = None
+    _warned: set[tuple[int, int]] = field(default_factory=set)
 
     def run(self, images: Iterable[Decoded]) -> tuple[pd.DataFrame, pd.DataFrame]:
         """All images -> (detections, latency) DataFrames (unsorted; the writer sorts)."""
@@ -88,15 +111,29 @@ class DetectLoop:
         return pd.concat(detections, ignore_index=True), pd.concat(latency, ignore_index=True)
 
     def run_chunk(self, chunk: Sequence[Decoded]) -> list[_Result]:
-        """Every scale of a few images; each scale's images batched by equal input size."""
-        results = []
-        for scale in self.scales:
-            groups: dict[tuple[int, int], list[Decoded]] = {}
-            for item in chunk:
-                groups.setdefault(scale.input_size(*item.size), []).append(item)
-            for size, group in groups.items():
-                results += self._run_group(group, scale, size)
-        return results
+        """Every scale of a few images, in the network calls of :meth:`batches`."""
+        return [r for scale in self.scales for size, group in self.batches(chunk, scale)
+                for r in self._run_group(group, scale, size)]
+
+    def batches(self, chunk: Sequence[Decoded], scale: Scale) -> list[tuple[tuple[int, int], list[Decoded]]]:
+        """The network calls for ``chunk`` at ``scale``: (input size, images of that input
+        size), at most ``batch_size`` and as many as the memory budget allows per call."""
+        groups: dict[tuple[int, int], list[Decoded]] = {}
+        for item in chunk:
+            groups.setdefault(scale.input_size(*item.size), []).append(item)
+        calls = []
+        for size, group in groups.items():
+            n = self.batch_size if self.memory is None else self.memory.images_per_call(size, self.batch_size)
+            self._warn_if_too_large(size)
+            calls += [(size, group[i:i + n]) for i in range(0, len(group), n)]
+        return calls
+
+    def _warn_if_too_large(self, size: tuple[int, int]) -> None:
+        if self.memory is None or size in self._warned or self.memory.bytes_for(size) <= self.memory.available:
+            return
+        self._warned.add(size)
+        log.warning("input %dx%d needs about %.1f GB, more than the %.1f GB this run may use; running it alone",
+                    size[0], size[1], self.memory.bytes_for(size) / 2**30, self.memory.available / 2**30)
 
     def _run_group(self, group: list[Decoded], scale: Scale, size: tuple[int, int]) -> list[_Result]:
         try:
@@ -124,12 +161,11 @@ def run_batch(detector: Detector, group: Sequence[Decoded], scale: Scale, size: 
     device = detector.device
     start = time.perf_counter()
     factors = [scale.factor(*item.size) for item in group]
-    inputs = [resize_tensor(item.pixels.to(device, non_blocking=True)[None], size, factor)
-              for item, factor in zip(group, factors)]
-    batch = torch.cat(inputs)
+    batch = torch.empty((len(group), 3, size[1], size[0]), dtype=torch.float32, device=device)
+    for i, (item, factor) in enumerate(zip(group, factors)):  # resized in place: no 8K-sized copies
+        resize_tensor(item.pixels.to(device, non_blocking=True)[None], size, factor, out=batch[i:i + 1])
     if scale.flip:
         batch = batch.flip(-1)
-    del inputs
     if detector.batched or len(group) == 1:
         raws = detector.detect(batch)
     else:

@@ -93,9 +93,11 @@ def resize_cv2(image: np.ndarray, factor: float) -> np.ndarray:
     return cv2.resize(image, None, None, fx=factor, fy=factor, interpolation=cv2.INTER_LINEAR)
 
 
-def resize_tensor(images: torch.Tensor, size: tuple[int, int], factor: float) -> torch.Tensor:
+def resize_tensor(images: torch.Tensor, size: tuple[int, int], factor: float,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """Bilinear resize of (B, C, H, W) images by ``factor`` to ``size`` = (width, height), as
-    float32, on the images' device (upload the small image, resize there).
+    float32, on the images' device (upload the small image, resize there); written into
+    ``out`` (a contiguous float32 (B, C, height, width) tensor on that device) when given.
 
     The same mapping as ``cv2.resize(image, None, fx=factor, fy=factor)`` (INTER_LINEAR):
     output pixel centre x samples the input at (x + 0.5) / factor - 0.5, half-pixel centres,
@@ -109,10 +111,12 @@ def resize_tensor(images: torch.Tensor, size: tuple[int, int], factor: float) ->
 
     images = images.float()
     if factor == 1 and (images.shape[-1], images.shape[-2]) == tuple(size):
-        return images
+        return images if out is None else out.copy_(images)
     # the ATen op behind F.interpolate, called with both the output size (cv2's rounding)
     # and the scale factor (cv2's sampling step); F.interpolate accepts only one of the two
-    return torch.ops.aten.upsample_bilinear2d.default(images, [size[1], size[0]], False, factor, factor)
+    if out is None:
+        return torch.ops.aten.upsample_bilinear2d.default(images, [size[1], size[0]], False, factor, factor)
+    return torch.ops.aten.upsample_bilinear2d.out(images, [size[1], size[0]], False, factor, factor, out=out)
 
 
 def to_chw_tensor(image: np.ndarray) -> torch.Tensor:

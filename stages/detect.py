@@ -25,10 +25,11 @@ from typing import Any
 
 import click
 import pandas as pd
+import psutil
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.detect import Decoded, DetectLoop
+from pipeline.detect import Decoded, DetectLoop, MemoryBudget
 from pipeline.detectors import registry, weights as weights_cache
 from pipeline.detectors.base import Detector
 from pipeline.errors import ConfrankError
@@ -119,6 +120,20 @@ def is_complete(paths: tuple[Path, Path], meta: dict[str, Any]) -> bool:
     return all(p.is_file() and up_to_date(read_metadata(p), meta) for p in paths)
 
 
+#: share of the memory available when a shard starts that its network calls may use (the
+#: rest is for other processes and for the error of the per-pixel estimate)
+MEMORY_SHARE = 0.7
+
+
+def memory_budget(device: torch.device, per_pixel: float) -> MemoryBudget:
+    """A share of the host's available RAM (CPU) or of the device's free memory (CUDA), now."""
+    if device.type == "cuda":
+        available, _ = torch.cuda.mem_get_info(device)
+    else:
+        available = psutil.virtual_memory().available
+    return MemoryBudget(int(available * MEMORY_SHARE), per_pixel)
+
+
 def build_detector(name: str, weight_files: dict[str, Path], device: torch.device, amp: str,
                    channels_last: bool) -> Detector:
     """Build and configure (AMP, memory format) a registered detector."""
@@ -158,7 +173,8 @@ def run_detect(dataset: str, detector_name: str, scales: str, shard: tuple[int, 
     # an image too large for the GPU even alone runs on a CPU copy, built on first need
     fallback = (partial(build_detector, detector_name, weight_files, torch.device("cpu"), "none", False)
                 if device.type == "cuda" else None)
-    loop = DetectLoop(detector, scale_list, batch_size=batch_size, top_k=detector.top_k, cpu_fallback=fallback)
+    loop = DetectLoop(detector, scale_list, batch_size=batch_size, top_k=detector.top_k, cpu_fallback=fallback,
+                      memory=memory_budget(device, info.bytes_per_pixel))
     detections, latency = loop.run(decoded_images(files, workers, pin=device.type == "cuda"))
     if loop.fallbacks:
         meta = {**meta, "cpu_fallback": loop.fallbacks}
@@ -183,7 +199,8 @@ def run_detect(dataset: str, detector_name: str, scales: str, shard: tuple[int, 
 @click.option("--shard", default="0/1", show_default=True, help="K/N: run shard K of N (0-based).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda when available.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Images per network call (images of equal input size only).")
+              help="Most images per network call (equal input sizes only); fewer when they would not "
+                   "fit in 70% of the available RAM (CPU) or free GPU memory (CUDA).")
 @click.option("--amp", type=click.Choice(list(AMP_DTYPES)), default="none", show_default=True,
               help="Autocast precision of the network; decoding stays float32.")
 @click.option("--channels-last/--no-channels-last", default=False, show_default=True)

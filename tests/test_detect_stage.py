@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -11,7 +12,10 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from pipeline.detect import MemoryBudget
+from pipeline.detectors import registry
 from pipeline.shards import read_metadata, read_table, shard_members, write_table
+from stages import detect as detect_stage
 from stages.detect import cli, run_detect
 from stages.layout import Layout
 
@@ -147,3 +151,32 @@ def test_grey_image_runs_and_cli_reports(tmp_path, shared):
                                      "--device", "cpu", "--data-dir", str(layout.root)])
     assert "up to date, skipped" in again.output
     assert len(read_table(layout.detections("tiny", DETECTOR, "original", 0), "detections")) > 0
+
+
+def test_default_batch_fits_in_the_available_memory(tmp_path, shared, monkeypatch):
+    """8K inputs of 416x416 images at the default batch of 4 once took all of a 24 GB
+    machine: a call holds only as many images as fit in the memory available."""
+    layout, _, _ = make_dataset(tmp_path, shared, n=4)
+    per_image = registry.get_info(DETECTOR).bytes_per_pixel * 416 * 416
+    monkeypatch.setattr(detect_stage.psutil, "virtual_memory",
+                        lambda: SimpleNamespace(available=int(2.5 * per_image / detect_stage.MEMORY_SHARE)))
+    calls = []
+    real = detect_stage.build_detector
+
+    def recording(*args, **kwargs):
+        detector = real(*args, **kwargs)
+        inner = detector.detect
+        detector.detect = lambda images: calls.append(images.shape[0]) or inner(images)
+        return detector
+
+    monkeypatch.setattr(detect_stage, "build_detector", recording)
+    run_detect("tiny", DETECTOR, "original", (0, 1), layout, torch.device("cpu"), workers=0)  # default batch 4
+    assert calls == [2, 2]
+
+
+def test_memory_budget_reads_host_ram_on_cpu_and_free_gpu_memory_on_cuda(monkeypatch):
+    monkeypatch.setattr(detect_stage.psutil, "virtual_memory", lambda: SimpleNamespace(available=10_000))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4_000, 80_000))
+    share = detect_stage.MEMORY_SHARE
+    assert detect_stage.memory_budget(torch.device("cpu"), 5.0) == MemoryBudget(int(10_000 * share), 5.0)
+    assert detect_stage.memory_budget(torch.device("cuda"), 5.0) == MemoryBudget(int(4_000 * share), 5.0)

@@ -11,11 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pipeline.detect import Decoded, DetectLoop, to_original
+from pipeline.detect import Decoded, DetectLoop, MemoryBudget, to_original
 from pipeline.detectors import registry
 from pipeline.detectors.base import RawDetections
 from pipeline.detectors.onemb import ANCHORS as ANCHORS_1MB_FAMILY
-from pipeline.detectors.priors import PriorConfig, decode_boxes, decode_landmarks, prior_boxes, prior_boxes_loop
+from pipeline.detectors import priors as priors_module
+from pipeline.detectors.priors import (PriorConfig, decode_boxes, decode_landmarks, prior_boxes, prior_boxes_loop,
+                                      select_scores)
 from pipeline.detectors.retinaface import ANCHORS_RETINAFACE, build_r50, resnet50_net
 from pipeline.errors import ConfrankError, FormatError
 from pipeline.imaging import decode_image, resize_cv2, to_chw_tensor
@@ -86,6 +88,52 @@ def test_decode_zero_regression_gives_prior_box():
     assert boxes[0, 0].tolist() == pytest.approx([0.52 - 0.2, 0.24 - 0.05, 0.52 + 0.2, 0.24 + 0.05])
     points = decode_landmarks(torch.ones(1, 1, 10), priors, (0.1, 0.2))
     assert points[0, 0, :2].tolist() == pytest.approx([0.52, 0.26])
+
+
+def _decode_every_prior(detector, images):
+    """The reference post-processing: softmax and decode every prior, then threshold and cut."""
+    _, _, height, width = images.shape
+    loc, logits, landmarks = detector.network(images)
+    priors = prior_boxes(height, width, detector.config)
+    scale = torch.tensor([width, height], dtype=torch.float32)
+    boxes = decode_boxes(loc.float(), priors, detector.config.variances) * scale.repeat(2)
+    points = decode_landmarks(landmarks.float(), priors, detector.config.variances) * scale.repeat(5)
+    scores = torch.softmax(logits.float(), dim=-1)[..., 1]
+    out = []
+    for b in range(images.shape[0]):
+        keep = torch.nonzero(scores[b] > detector.min_score).squeeze(1)
+        keep = keep[torch.sort(scores[b, keep], descending=True, stable=True).indices[: detector.top_k]]
+        out.append(RawDetections(boxes[b, keep], scores[b, keep], points[b, keep]))
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 3000), st.floats(0.001, 0.5), st.integers(1, 500), st.integers(0, 2**31))
+def test_select_scores_equals_softmax_of_every_prior(n, min_score, top_k, seed):
+    gen = torch.Generator().manual_seed(seed)
+    # log-odds spread around the threshold, with ties
+    logits = torch.randn(n, 2, generator=gen) * 2
+    logits[: n // 3, 1] = logits[: n // 3, 0] + math.log(min_score / (1 - min_score))
+    logits[n // 2:, :] = logits[:1, :]
+    scores = torch.softmax(logits, dim=-1)[:, 1]
+    keep = torch.nonzero(scores > min_score).squeeze(1)
+    keep = keep[torch.sort(scores[keep], descending=True, stable=True).indices[:top_k]]
+    index, got = select_scores(logits, min_score, top_k)
+    assert torch.equal(index, keep) and torch.equal(got, scores[keep])
+
+
+@pytest.mark.parametrize("name", WEIGHTED)
+def test_detect_decodes_only_the_kept_priors_with_identical_results(name, weights_dir, two_images, monkeypatch):
+    detector = build(name, weights_dir)
+    images = torch.stack([i.pixels for i in two_images]).float()
+    expected = _decode_every_prior(detector, images)
+    rows = []
+    real = priors_module.decode_boxes
+    monkeypatch.setattr(priors_module, "decode_boxes", lambda loc, *a: rows.append(loc.shape[:-1].numel()) or real(loc, *a))
+    got = detector.detect(images)
+    for a, b in zip(got, expected):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert rows == [len(r.scores) for r in expected]  # one call per image, kept priors only
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -286,6 +334,18 @@ class _Recorder:
 
 def _tiny(n):
     return [Decoded(f"img{i}", torch.zeros(3, 10, 20, dtype=torch.uint8)) for i in range(n)]
+
+
+def test_memory_budget_sizes_the_batches(caplog):
+    detector = _Recorder("fake", max_batch=99)
+    budget = MemoryBudget(available=50_000, per_pixel=100.0)  # 10x20 inputs: 20 kB each, 2 fit
+    assert budget.images_per_call((20, 10), cap=4) == 2 and budget.images_per_call((20, 10), cap=1) == 1
+    det, _ = DetectLoop(detector, [Scale(0)], batch_size=4, memory=budget).run(_tiny(5))
+    assert detector.calls == [2, 2, 1] and len(det) == 5  # chunks of 4 (the cap) split in 2 + 2, then 1
+    detector.calls.clear()
+    too_small = MemoryBudget(available=10_000, per_pixel=100.0)  # not even one image fits: one at a time
+    DetectLoop(detector, [Scale(0)], batch_size=4, memory=too_small).run(_tiny(6))
+    assert detector.calls == [1] * 6 and caplog.text.count("input 20x10 needs about") == 1
 
 
 def test_oom_retries_one_image_at_a_time(caplog):

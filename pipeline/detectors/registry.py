@@ -19,6 +19,10 @@ from pipeline.detectors.base import Detector
 from pipeline.errors import ConfrankError
 
 
+#: bytes per input pixel assumed for a detector without a measured value (an upper guess)
+DEFAULT_BYTES_PER_PIXEL = 400.0
+
+
 @dataclass(frozen=True)
 class DetectorInfo:
     """What the registry knows about a detector before building it."""
@@ -30,6 +34,9 @@ class DetectorInfo:
     cpu_only: bool = False
     #: "module:function" returning None when usable, else the reason it is not
     availability: str | None = None
+    #: peak working memory of one network call per input pixel, bytes (CPU, float32, 8K;
+    #: README "Memory at 8K"): sizes the batches that fit in the memory available
+    bytes_per_pixel: float = DEFAULT_BYTES_PER_PIXEL
 
     def unavailable_reason(self) -> str | None:
         """None when this detector can run here, else why not (e.g. a missing OpenCV API)."""
@@ -44,12 +51,12 @@ DETECTORS: dict[str, DetectorInfo] = {
         DetectorInfo(
             "retinaface-mnet025", "pipeline.detectors.retinaface:build_mnet025",
             ("retinaface_mobilenet0.25_Final",),
-            "RetinaFace MobileNet-V1 x0.25, anchors 16..512 (Pytorch_Retinaface)",
+            "RetinaFace MobileNet-V1 x0.25, anchors 16..512 (Pytorch_Retinaface)", bytes_per_pixel=70,
         ),
         DetectorInfo(
             "retinaface-mnet025-1mb", "pipeline.detectors.retinaface:build_mnet025_1mb",
             ("retinaface_mnet025_1mb_Final",),
-            "RetinaFace MobileNet-V1 x0.25, anchors 10..256 (Face-Detector-1MB retrain)",
+            "RetinaFace MobileNet-V1 x0.25, anchors 10..256 (Face-Detector-1MB retrain)", bytes_per_pixel=70,
         ),
         DetectorInfo(
             "retinaface-r50", "pipeline.detectors.retinaface:build_r50",
@@ -58,11 +65,11 @@ DETECTORS: dict[str, DetectorInfo] = {
         ),
         DetectorInfo(
             "slim", "pipeline.detectors.onemb:build_slim", ("slim_Final",),
-            "Face-Detector-1MB slim",
+            "Face-Detector-1MB slim", bytes_per_pixel=120,
         ),
         DetectorInfo(
             "rfb", "pipeline.detectors.onemb:build_rfb", ("RBF_Final",),
-            "Face-Detector-1MB RFB",
+            "Face-Detector-1MB RFB", bytes_per_pixel=120,
         ),
         DetectorInfo(
             "mtcnn", "pipeline.detectors.mtcnn:build", ("mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet"),
