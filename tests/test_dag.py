@@ -20,7 +20,10 @@ import pytest
 import yaml
 
 from pipeline.provenance import code_hash, module_closure
+from pipeline.shards import path_keys, read_metadata
+from stages.layout import Layout
 from stages.run import ROOT, snakemake_command
+from tests.test_table_trees import assert_tree_opens_everywhere
 
 pytestmark = pytest.mark.xdist_group("dag")
 
@@ -190,6 +193,23 @@ def test_slurm_profile_plans_gpu_and_cpu_jobs(tmp_path: Path):
         assert jobs[cpu_rule]["threads"] == "8"
 
 
+def assert_by_hand_detect_skips(data: Path) -> None:
+    """The shards snakemake wrote are up to date for the same command run by hand, from
+    another folder and without the rule name: both use the same code hash (the rule's
+    ``code`` param) and the same up-to-date keys."""
+    from stages.detect import pick_device, run_detect
+
+    shards = sorted((data / "interim" / "detections").rglob("part-*.parquet"))
+    assert shards
+    for path in shards:
+        keys, meta = path_keys(path), read_metadata(path)
+        assert meta["code"] == code_hash("stages.detect") and meta["rule"] == "detect_shard"
+        shard = (meta["config"]["shard"], meta["config"]["n_shards"])
+        _, computed = run_detect(keys["dataset"], keys["detector"], keys["scales"], shard, Layout(data),
+                                 pick_device(None), workers=0)
+        assert not computed, path
+
+
 @pytest.mark.slow
 def test_tiny_dag_end_to_end(tmp_path: Path):
     shutil.copy(ROOT / "config" / "test.yaml", tmp_path / "config.yaml")
@@ -203,6 +223,10 @@ def test_tiny_dag_end_to_end(tmp_path: Path):
     voted = json.loads((tmp_path / "data" / "processed" / "metrics" / "sample1" / "mtcnn" / "wider-multi" / "multi.json").read_text())
     assert voted["postprocess"]["fusion"] == "voting" and voted["n_images"] == 1 and voted["n_detections"] > 0
     assert planned_jobs(snakemake(tmp_path, "-n")) == []
+    assert_by_hand_detect_skips(tmp_path / "data")
+    for table, kind in (("detections", "detections"), ("latency", "latency"), ("oracle", "detections"),
+                        ("reranked", "detections")):
+        assert_tree_opens_everywhere(tmp_path / "data" / "interim" / table, kind, "detector")
     # a changed ranker setting really reruns: train replaces its finished run's checkpoint,
     # and nothing upstream of train runs again
     config = yaml.safe_load((tmp_path / "config.yaml").read_text())
