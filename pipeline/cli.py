@@ -18,7 +18,7 @@ from pipeline.runtime import keep_freed_memory
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "index": ("stages.index", "cli", "Ingest a dataset into images/gt tables."),
     "sample": ("stages.sample", "cli", "Build the embedded demo dataset (WiderFace layout)."),
-    "subset": ("stages.subset", "cli", "Index a half or the first N images of a dataset as a new one."),
+    "subset": ("stages.subset", "cli", "Index a half, a cross-validation fold or the first N images of a dataset as a new one."),
     "inspect": ("stages.inspect", "cli", "Show schema, provenance and summaries of Parquet outputs."),
     "detect": ("stages.detect", "cli", "Run a face detector over a dataset shard."),
     "detectors": ("stages.weights", "detectors_cli", "List detectors and the status of their weights."),
@@ -28,8 +28,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "oracle": ("stages.oracle", "cli", "Annotate detections with IoU to the closest face."),
     "nms": ("stages.nms", "cli", "NMS / box voting into final boxes."),
     "evaluate": ("stages.evaluate", "cli", "WiderFace AP (easy/medium/hard), AP@[.5:.95], VOC AP."),
+    "features": ("stages.features", "cli", "Per-box features and the ensemble score of a detector's boxes."),
     "train": ("stages.train", "cli", "Train the confidence ranker."),
     "rerank": ("stages.rerank", "cli", "Re-score detections with a trained ranker."),
+    "cv": ("stages.cv", "cli", "Cross-validate a ranker setting on a pool of datasets."),
     "report": ("stages.report", "cli", "Paper-style tables and figures (HTML + markdown)."),
     "run": ("stages.run", "cli", "Run the whole Snakemake DAG."),
 }

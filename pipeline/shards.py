@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 from pipeline import __version__
 from pipeline.errors import SchemaError
+from pipeline.ranker.features import FEATURES
 
 META_KEY = b"confrank"
 LANDMARK_COLUMNS = tuple(f"lm_{a}{i}" for i in range(5) for a in "xy")
@@ -98,6 +99,22 @@ SCHEMAS: dict[str, list[Column]] = {
     "pr": [
         Column("subset", _STR), Column("iou", _F32), Column("threshold", _F32),
         Column("recall", pa.float64()), Column("precision", pa.float64()),
+    ],
+    # a detections (or oracle) shard with the feature ranker's per-box features
+    "features": [
+        Column("image_id", _STR), Column("detector", _STR), Column("scale", pa.int32()),
+        Column("flip", pa.bool_()), *_cols(BOX_COLUMNS, _F32), Column("score", _F32),
+        *_cols(LANDMARK_COLUMNS, _F32, required=False),
+        Column("oracle_iou", _F32, required=False), Column("gt_id", pa.int32(), required=False),
+        *_cols(FEATURES, _F32), Column("ensemble_score", _F32),
+    ],
+    # cross-validation of ranker settings: APs of one held-out fold per row (confrank cv)
+    "cv_deltas": [
+        Column("cv", _STR), Column("ranker", _STR), Column("detector", _STR), Column("scales", _STR),
+        Column("fold", pa.int32()), Column("subset", _STR),
+        *_cols(("ap_single", "ap_rank", "ap_oracle", "ap_ensemble", "delta"), pa.float64()),
+        Column("n_images", pa.int32()), Column("n_faces", pa.int32()),
+        Column("train_detectors", _STR), Column("train_seconds", pa.float64()),
     ],
     # ranker training log, one row per logged step
     "train_log": [

@@ -129,24 +129,28 @@ def _features_config(dataset: str, detector: str, scales: str, evidence: Sequenc
             "evidence": sorted(set(evidence) - {detector}), "features": list(FEATURES)}
 
 
+def _shard_index(path: Path) -> int:
+    return int(path.stem.split("-", 1)[1])
+
+
 def compute_features(layout: Layout, dataset: str, detector: str, scales: str,
-                     evidence: Sequence[str]) -> list[tuple[pd.DataFrame, Path, list[Path]]]:
-    """Per shard of ``detector``: (features frame, source shard, inputs read), computed now."""
+                     evidence: Sequence[str]) -> list[tuple[int, pd.DataFrame, list[Path]]]:
+    """Per shard of ``detector``: (shard index, features frame, inputs read), computed now."""
     from pipeline.ranker.features import frame_features
-    from pipeline.shards import read_table as read
 
     parts, _ = _box_shards(layout, dataset, detector, scales)
     sizes, images_path = image_sizes(layout, dataset)
     others, other_inputs = _evidence_frames(layout, dataset, detector, scales, evidence)
     out = []
     for part in parts:
-        dets = read(part, "detections")
+        dets = read_table(part, "detections")
         ids = set(dets["image_id"].astype(str))
         unknown = sorted(ids - set(sizes))
         if unknown:
             raise ConfrankError(f"{part}: image {unknown[0]!r} is not in the images table {images_path}")
         evidence_rows = {k: f[f["image_id"].astype(str).isin(ids)] for k, f in others.items()}
-        out.append((frame_features(dets, evidence_rows, sizes), part, [part, images_path, *other_inputs]))
+        frame = frame_features(dets, evidence_rows, sizes)
+        out.append((_shard_index(part), frame, [part, images_path, *other_inputs]))
     return out
 
 
@@ -156,8 +160,8 @@ def write_features(layout: Layout, dataset: str, detector: str, scales: str, evi
 
     config = _features_config(dataset, detector, scales, evidence)
     written = []
-    for frame, part, inputs in compute_features(layout, dataset, detector, scales, evidence):
-        dest = layout.features(dataset, detector, scales, int(part.stem.split("-", 1)[1]))
+    for shard, frame, inputs in compute_features(layout, dataset, detector, scales, evidence):
+        dest = layout.features(dataset, detector, scales, shard)
         write_table(frame, dest, "features", provenance("features", config, inputs=inputs), sort_by=DETECTION_SORT)
         written.append(dest)
     return written
@@ -168,25 +172,36 @@ def _cache_valid(cached: Path, source: Path, config: dict[str, Any]) -> bool:
     evidence set and feature list."""
     from pipeline.shards import read_metadata, sha256_file
 
+    if not cached.is_file():
+        return False
     meta = read_metadata(cached)
     same = all(meta.get("config", {}).get(k) == config[k] for k in ("evidence", "features"))
     return same and sha256_file(source) in meta.get("inputs", {}).values()
 
 
-def load_features(layout: Layout, dataset: str, detector: str, scales: str, evidence: Sequence[str]) -> tuple[pd.DataFrame, list[Path]]:
-    """Features of every box of one detector (all shards, concatenated) and the files read.
+def feature_shards(layout: Layout, dataset: str, detector: str, scales: str,
+                   evidence: Sequence[str]) -> list[tuple[int, pd.DataFrame, list[Path]]]:
+    """Features of every shard of one detector: (shard index, frame, files read) per shard.
 
-    Cached shards (``confrank features``) are used when there is one per source shard and
-    they were made with the same evidence set and feature list; otherwise the features are
-    computed on the fly (nothing is written), with the same result.
+    Cached shards (``confrank features``) are read when every one of them was made from its
+    source shard as it is now, with the same evidence set and feature list; otherwise the
+    features are computed on the fly (nothing is written), with the same result. Frames hold
+    the source shard's rows in the stored order (image, score descending).
     """
-    from pipeline.shards import read_tables
+    from pipeline.shards import read_table as read
 
-    cached = shard_paths(layout.features_dir(dataset, detector, scales))
     sources, _ = _box_shards(layout, dataset, detector, scales)
-    if cached and len(cached) == len(sources) and all(
-            _cache_valid(c, s, _features_config(dataset, detector, scales, evidence)) for c, s in zip(cached, sources)):
-        return read_tables(cached, "features"), cached
-    computed = compute_features(layout, dataset, detector, scales, evidence)
-    frame = pd.concat([c[0] for c in computed], ignore_index=True)
-    return frame, [p for c in computed for p in c[2]]
+    config = _features_config(dataset, detector, scales, evidence)
+    cached = [layout.features(dataset, detector, scales, _shard_index(s)) for s in sources]
+    if all(_cache_valid(c, s, config) for c, s in zip(cached, sources)):
+        return [(_shard_index(c), read(c, "features"), [c]) for c in cached]
+    return compute_features(layout, dataset, detector, scales, evidence)
+
+
+def ensure_features(layout: Layout, dataset: str, detector: str, scales: str, evidence: Sequence[str]) -> None:
+    """Write the features shards of one detector unless valid ones are there already."""
+    sources, _ = _box_shards(layout, dataset, detector, scales)
+    config = _features_config(dataset, detector, scales, evidence)
+    cached = [layout.features(dataset, detector, scales, _shard_index(s)) for s in sources]
+    if not all(_cache_valid(c, s, config) for c, s in zip(cached, sources)):
+        write_features(layout, dataset, detector, scales, evidence)

@@ -5,10 +5,12 @@ DATA/interim/index/{dataset}/images.parquet, gt.parquet
 DATA/interim/detections/dataset={d}/detector={det}/scales={set}/part-{k}.parquet
 DATA/interim/latency/dataset={d}/detector={det}/scales={set}/part-{k}.parquet
 DATA/interim/oracle/dataset={d}/detector={det}/scales={set}/part-{k}.parquet
+DATA/interim/features/dataset={d}/detector={det}/scales={set}/part-{k}.parquet
 DATA/interim/reranked/ranker={r}/dataset={d}/detector={det}/scales={set}/part-{k}.parquet
 DATA/processed/rankers/{ranker}/model.pt, train_log.parquet, loss.png, checkpoint.pt
 DATA/processed/final/{dataset}/{detector}/{scales}/{method}.parquet
 DATA/processed/metrics/{dataset}/{detector}/{scales}/{method}.json, {method}.pr.parquet, {method}.png
+DATA/processed/cv/{cv}/{variant}/deltas.parquet, fold-{k}/ (that fold's ranker); {cv}/deltas.parquet, summary.md
 DATA/processed/report/report.html, report.md, figures/
 ```
 ``method`` is ``single``, ``multi``, ``oracle``, ``imported`` or ``rank-{ranker}``.
@@ -64,6 +66,12 @@ class Layout:
     def oracle(self, dataset: str, detector: str, scales: str, shard: int) -> Path:
         return self.oracle_dir(dataset, detector, scales) / f"part-{shard}.parquet"
 
+    def features_dir(self, dataset: str, detector: str, scales: str) -> Path:
+        return self._shard_dir("features", dataset, detector, scales)
+
+    def features(self, dataset: str, detector: str, scales: str, shard: int) -> Path:
+        return self.features_dir(dataset, detector, scales) / f"part-{shard}.parquet"
+
     def reranked_dir(self, ranker: str, dataset: str, detector: str, scales: str) -> Path:
         return self.root / "interim" / "reranked" / f"ranker={ranker}" / f"dataset={dataset}" / f"detector={detector}" / f"scales={scales}"
 
@@ -89,6 +97,20 @@ class Layout:
 
     def pr_plot(self, dataset: str, detector: str, scales: str, method: str) -> Path:
         return self.metrics(dataset, detector, scales, method).with_suffix(".png")
+
+    # cross-validation experiments (confrank cv)
+    def cv_dir(self, cv: str) -> Path:
+        return self.root / "processed" / "cv" / cv
+
+    def cv_variant_dir(self, cv: str, variant: str) -> Path:
+        return self.cv_dir(cv) / variant
+
+    def cv_deltas(self, cv: str, variant: str | None = None) -> Path:
+        """A variant's per-fold APs, or (``variant`` None) every variant's, concatenated."""
+        return (self.cv_variant_dir(cv, variant) if variant else self.cv_dir(cv)) / "deltas.parquet"
+
+    def cv_summary(self, cv: str) -> Path:
+        return self.cv_dir(cv) / "summary.md"
 
     def report_dir(self) -> Path:
         return self.root / "processed" / "report"

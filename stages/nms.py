@@ -6,6 +6,9 @@ Methods and their inputs:
 * ``multi``: box voting over the union of all scales and flips of an image (same inputs);
 * ``oracle``: the score replaced by ``oracle_iou`` (oracle shards), then NMS for a
   one-scale set or voting for a multi-scale set: the upper bound of seed 000, Fig. 2;
+* ``ensemble``: the score replaced by ``ensemble_score`` (``Layout.features`` shards: the
+  mean of the box's score and the best score of another detector's box overlapping it at
+  IoU >= 0.5), then NMS or voting as for ``oracle``;
 * ``rank``: the score replaced by the ranker's ``rank_score`` (``Layout.reranked`` shards),
   then NMS or voting as for ``oracle``; written as method ``rank-{ranker}``.
 
@@ -23,58 +26,24 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.boxes import box_voting, nms
-from pipeline.errors import ConfrankError
-from pipeline.shards import BOX_COLUMNS, provenance, read_metadata, read_table, shard_paths, write_table
+from pipeline.postprocess import SCORE_COLUMN, fuse, fusion_of
+from pipeline.shards import provenance, read_metadata, read_table, shard_paths, write_table
 from stages.common import FINAL_SORT, dask_scheduler_option, map_shards, method_name, require_shards
 from stages.layout import Layout, data_dir_option
-
-SCORE_COLUMN = {"single": "score", "multi": "score", "oracle": "oracle_iou", "rank": "rank_score"}
-
-
-def fuse(dets: pd.DataFrame, method: str, iou: float, keep: int, keep_singletons: bool, source: str = "<detections>") -> pd.DataFrame:
-    """Final boxes (image_id, x1..y2, score) of one shard's detections.
-
-    ``single`` needs one (scale, flip) per set; ``multi`` always votes; ``oracle``/``rank``
-    vote when the set has several (scale, flip) pairs and run NMS otherwise.
-    """
-    column = SCORE_COLUMN[method]
-    if column not in dets:
-        raise ConfrankError(f"{source}: method {method!r} needs a {column!r} column")
-    views = dets[["scale", "flip"]].drop_duplicates()
-    if method == "single" and len(views) > 1:
-        pairs = sorted(map(tuple, views.to_numpy().tolist()))
-        raise ConfrankError(f"{source}: method 'single' needs a one-scale set, got (scale, flip) pairs {pairs}; use --method multi")
-    codes, images = pd.factorize(dets["image_id"].astype(str), sort=True)
-    boxes = torch.from_numpy(dets[list(BOX_COLUMNS)].to_numpy(np.float64, copy=True))
-    scores = torch.from_numpy(dets[column].to_numpy(np.float64, copy=True))
-    groups = torch.from_numpy(codes.astype(np.int64))
-    if method == "multi" or (method != "single" and len(views) > 1):
-        out_boxes, out_scores, out_groups = box_voting(boxes, scores, groups, iou, keep, keep_singletons)
-    else:
-        index = nms(boxes, scores, groups, iou, keep)
-        out_boxes, out_scores, out_groups = boxes[index], scores[index], groups[index]
-    frame = pd.DataFrame(out_boxes.numpy(), columns=list(BOX_COLUMNS))
-    frame.insert(0, "image_id", np.asarray(images, dtype=object)[out_groups.numpy()])
-    frame["score"] = out_scores.numpy()
-    return frame
-
-
-def fusion_of(method: str, n_views: int) -> str:
-    """``nms`` or ``voting``: what :func:`fuse` does for ``method`` on a set of ``n_views``."""
-    return "voting" if method == "multi" or (method != "single" and n_views > 1) else "nms"
-
 
 def _fuse_shard(job: tuple[Path, str, float, int, bool]) -> tuple[pd.DataFrame, int]:
     path, method, iou, keep, keep_singletons = job
     torch.set_num_threads(1)
-    dets = read_table(path, "detections")
+    dets = read_table(path, "features" if method == "ensemble" else "detections")
     n_views = len(dets[["scale", "flip"]].drop_duplicates())
     return fuse(dets, method, iou, keep, keep_singletons, source=str(path)), n_views
 
 
 def input_shards(layout: Layout, dataset: str, detector: str, scales: str, method: str, ranker: str | None) -> list[Path]:
     """The shards a method reads (oracle shards, falling back to detections for single/multi)."""
+    if method == "ensemble":
+        return require_shards(layout.features_dir(dataset, detector, scales), "features",
+                              f"run `confrank features --dataset {dataset} --detector {detector} --scales {scales} --evidence DET,DET` first")
     if method == "rank":
         return require_shards(layout.reranked_dir(ranker, dataset, detector, scales), "re-ranked",
                               f"run `confrank rerank --dataset {dataset} --detector {detector} --scales {scales} --ranker {ranker}` first")
@@ -90,7 +59,8 @@ def input_shards(layout: Layout, dataset: str, detector: str, scales: str, metho
 @click.option("--dataset", required=True, help="Dataset name.")
 @click.option("--detector", required=True, help="Detector name.")
 @click.option("--scales", required=True, help="Scale set of the shards (original, 8k, wider-multi, 8k-multi, ...).")
-@click.option("--method", type=click.Choice(sorted(SCORE_COLUMN)), required=True, help="single: NMS; multi: box voting; oracle/rank: oracle IoU or ranker score as confidence.")
+@click.option("--method", type=click.Choice(sorted(SCORE_COLUMN)), required=True, help="single: NMS; multi: box voting; oracle/rank/ensemble: oracle IoU, ranker score or the "
+                   "training-free ensemble score (confrank features) as confidence.")
 @click.option("--ranker", default=None, help="Ranker name (for --method rank).")
 @click.option("--iou", type=click.FloatRange(0, 1), default=0.4, show_default=True, help="IoU threshold of NMS (suppress above) and voting (cluster at or above).")
 @click.option("--keep", type=click.IntRange(min=1), default=750, show_default=True, help="Boxes kept per image.")

@@ -9,6 +9,11 @@ Each (image, scale, flip) group of boxes is ranked separately: its boxes sorted 
 score, the first N (the model's ``num_boxes``, 5000 by default) re-scored by the ranker;
 boxes beyond the first N keep their detector score as ``rank_score``. Groups are batched
 (``--batch-size``) and run under ``inference_mode``, on the GPU (with autocast) when present.
+
+A feature ranker (``train --model gbm``) re-scores every box from its per-box features
+(``confrank features`` shards of this detector, computed on the fly when absent or made
+with another evidence set); the other detectors of its evidence set need detections of the
+same dataset and scale set.
 """
 
 from __future__ import annotations
@@ -18,75 +23,13 @@ from pathlib import Path
 
 import click
 import numpy as np
-import pandas as pd
-import torch
 
-from pipeline.errors import ConfrankError, MissingInputError
-from pipeline.ranker.data import BoxGroup, box_groups, box_matrix, letterbox
-from pipeline.ranker.model import RankerConfig, model_from_payload
+from pipeline.ranker.gbm import GbmConfig
 from pipeline.shards import provenance, read_table, sha256_file, shard_paths, write_table
+from pipeline.errors import MissingInputError
+from stages.common import feature_shards
 from stages.layout import Layout, data_dir_option
-from stages.train import load_images_table, pick_device, read_rgb
-
-
-def load_ranker(path: Path, device: torch.device) -> tuple[torch.nn.Module, RankerConfig]:
-    """The ranker stored at ``path`` in eval mode on ``device``."""
-    if not path.is_file():
-        raise MissingInputError(f"{path}: no ranker model; run `confrank train --ranker {path.parent.name} ...` first")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a foreign or corrupt file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ConfrankError(f"{path}: not a confrank ranker model ({type(exc).__name__}: {first})") from exc
-    model, config = model_from_payload(payload, str(path))
-    return model.to(device).eval(), config
-
-
-def rerank_groups(model: torch.nn.Module, config: RankerConfig, groups: list[BoxGroup],
-                  sizes: dict[str, tuple[int, int]], load_image, device: torch.device,
-                  batch_size: int = 8) -> list[np.ndarray]:
-    """Refined scores of each group (float32, one per box, in the group's score order).
-
-    ``sizes[image_id]`` is (width, height); ``load_image(image_id)`` the RGB image (only
-    called for models with an image branch, once per image of a batch).
-    """
-    results = []
-    for start in range(0, len(groups), batch_size):
-        batch = groups[start:start + batch_size]
-        mats, masks = zip(*(box_matrix(g.boxes, g.scores, *sizes[g.image_id], config.num_boxes) for g in batch))
-        boxes = torch.from_numpy(np.stack(mats)).to(device)
-        mask = torch.from_numpy(np.stack(masks)).to(device)
-        if config.uses_image:
-            cache: dict[str, torch.Tensor] = {}
-            for g in batch:
-                if g.image_id not in cache:
-                    cache[g.image_id] = letterbox(load_image(g.image_id), config.image_size)
-            image = torch.stack([cache[g.image_id] for g in batch]).to(device)
-        else:
-            image = None
-        with torch.inference_mode(), torch.autocast(device.type, enabled=device.type == "cuda"):
-            pred = model(image, boxes, mask).float().cpu().numpy()
-        for g, p in zip(batch, pred):
-            score = g.scores.astype(np.float32).copy()
-            n = min(len(score), config.num_boxes)
-            score[:n] = p[:n]
-            results.append(score)
-    return results
-
-
-def rerank_frame(df: pd.DataFrame, model, config: RankerConfig, sizes, load_image, device,
-                 batch_size: int = 8) -> pd.DataFrame:
-    """``df`` (a detections shard) with a float32 ``rank_score`` column, rows unchanged."""
-    out = df.copy()
-    rank = out["score"].to_numpy(np.float32).copy()
-    groups = box_groups(df)
-    missing = sorted({g.image_id for g in groups} - set(sizes))
-    if missing:
-        raise ConfrankError(f"image {missing[0]!r} of the detections is not in the images table")
-    for g, scores in zip(groups, rerank_groups(model, config, groups, sizes, load_image, device, batch_size)):
-        rank[g.rows] = scores
-    out["rank_score"] = rank
-    return out
+from stages.rankers import gbm_rank_frame, load_images_table, load_ranker, pick_device, read_rgb, rerank_frame
 
 
 def run_rerank(layout: Layout, dataset: str, detector: str, scales: str, ranker: str,
@@ -95,6 +38,8 @@ def run_rerank(layout: Layout, dataset: str, detector: str, scales: str, ranker:
     dev = pick_device(device)
     model_path = layout.ranker_model(ranker)
     model, config = load_ranker(model_path, dev)
+    if isinstance(config, GbmConfig):
+        return _rerank_gbm(layout, dataset, detector, scales, ranker, model, config)
     parts = shard_paths(layout.oracle_dir(dataset, detector, scales))
     source = "oracle"
     if not parts:
@@ -123,6 +68,21 @@ def run_rerank(layout: Layout, dataset: str, detector: str, scales: str, ranker:
         dest = layout.reranked(ranker, dataset, detector, scales, shard)
         meta = provenance("rerank", config_record, inputs=[part, model_path, table_path],
                           ranker_sha256=sha256_file(model_path))
+        write_table(out, dest, "detections", meta)
+        written.append(dest)
+    return written
+
+
+def _rerank_gbm(layout: Layout, dataset: str, detector: str, scales: str, ranker: str, booster,
+                config: GbmConfig) -> list[Path]:
+    model_path = layout.ranker_model(ranker)
+    written = []
+    for shard, frame, inputs in feature_shards(layout, dataset, detector, scales, config.evidence):
+        out = gbm_rank_frame(frame, booster, config)
+        record = {"dataset": dataset, "detector": detector, "scales": scales, "ranker": ranker,
+                  "source": "features", "model_config": config.to_dict()}
+        meta = provenance("rerank", record, inputs=[*inputs, model_path], ranker_sha256=sha256_file(model_path))
+        dest = layout.reranked(ranker, dataset, detector, scales, shard)
         write_table(out, dest, "detections", meta)
         written.append(dest)
     return written

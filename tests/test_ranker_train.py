@@ -15,6 +15,7 @@ from pipeline.ranker.model import RankerConfig, build_ranker
 from pipeline.ranker.train import Trainer, TrainConfig, lr_at
 from pipeline.shards import provenance, read_table, read_tables, shard_paths, write_table
 from stages import rerank as rerank_stage
+from stages import rankers
 from stages import train as train_stage
 from stages.layout import Layout
 
@@ -97,7 +98,7 @@ def test_lr_decays_exponentially_to_final():
 
 
 def _run(layout, ranker, stop_after=None, backbone="mobilenet", branch="fpn", iterations=4):
-    return train_stage.train_ranker(
+    return rankers.train_ranker(
         layout, ranker, ["toy"], ["detA", "detB"], "original",
         RankerConfig(num_boxes=N, backbone=backbone, image_branch=branch, image_size=64),
         TrainConfig(iterations=iterations, batch_size=3, log_every=1, n_pairs=3, lr=1e-3, lr_final=1e-4),

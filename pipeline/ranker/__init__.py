@@ -1,5 +1,3 @@
-"""The confidence ranker (seed 000): model, losses, dataset/augmentation, training loop."""
-
-from pipeline.ranker.model import RankerConfig, build_ranker, model_from_payload, model_payload
-
-__all__ = ["RankerConfig", "build_ranker", "model_from_payload", "model_payload"]
+"""The confidence ranker (seed 000): network models and losses, the dataset and augmentation,
+the training loop, per-box features with the feature ranker (gradient-boosted trees), and
+cross-validation folds. Import the submodules directly (importing the package loads no torch)."""

@@ -1,0 +1,260 @@
+"""``confrank cv``: K-fold cross-validation of a ranker setting on a pool of datasets.
+
+``confrank cv run`` deals the images of every pool dataset into K folds
+(``pipeline.ranker.folds``: deterministic, each dataset split evenly). For each fold it
+trains the ranker on the other K-1 folds of every pool dataset (the same training code as
+``confrank train``, into ``Layout.cv_variant_dir(cv, variant)/fold-k/``), re-scores the
+held-out fold's boxes (as ``confrank rerank``), fuses them with NMS (as ``confrank nms``)
+and evaluates ``single``, ``rank``, ``oracle`` and, when the setting has an evidence set,
+``ensemble`` on exactly the same held-out images. The WiderFace-format datasets of the
+fold are evaluated together (easy / medium / hard, the official protocol); datasets without
+keep lists (generic box sets) are evaluated together as subset ``all`` (VOC AP at IoU 0.5 of
+the non-ignored faces). Output: ``Layout.cv_deltas(cv, variant)``, one row per (detector,
+fold, subset): ``cv, ranker, detector, scales, fold, subset, ap_single, ap_rank, ap_oracle,
+ap_ensemble, delta`` (= ap_rank - ap_single), ``n_images``, ``n_faces``,
+``train_detectors``, ``train_seconds``.
+
+``confrank cv summary`` concatenates the variants of one experiment into
+``Layout.cv_deltas(cv)`` and writes ``Layout.cv_summary(cv)``: mean +- sd over folds of
+ΔAP = rank - single (and ensemble - single, oracle - single) per detector and variant.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import pandas as pd
+
+from pipeline.errors import ConfrankError, MissingInputError
+from pipeline.metrics import WiderFaceEval
+from pipeline.postprocess import fuse
+from pipeline.ranker.folds import assign_folds
+from pipeline.ranker.gbm import GbmConfig
+from pipeline.shards import read_table, read_tables, write_table, write_text_atomic
+from stages.common import ensure_features, feature_shards, parse_names, read_gt, require_shards
+from stages.layout import Layout, data_dir_option
+from stages.rankers import (gbm_rank_frame, load_images_table, load_ranker, pick_device, ranker_options, ranker_settings,
+                            read_rgb, rerank_frame, train_gbm_ranker, train_ranker)
+
+SUBSETS = ("easy", "medium", "hard")
+#: the held-out methods compared, and the column each fuses on
+METHODS = ("single", "rank", "oracle", "ensemble")
+#: NMS of every method (the DAG's postprocess defaults)
+NMS_IOU, NMS_KEEP = 0.4, 750
+
+
+def pool_folds(layout: Layout, pool: list[str], folds: int) -> dict[str, dict[str, int]]:
+    """``{dataset: {image_id: fold}}`` for every pool dataset (folds 1..K)."""
+    out = {}
+    for dataset in pool:
+        table, _ = load_images_table(layout, dataset)
+        out[dataset] = assign_folds(table["image_id"], folds)
+    return out
+
+
+def held_out_frames(layout: Layout, pool: list[str], detectors: list[str], scales: str,
+                    evidence: tuple[str, ...]) -> dict[tuple[str, str], pd.DataFrame]:
+    """Every box of every (dataset, detector) with ``oracle_iou`` (and, with an evidence set,
+    the features and ``ensemble_score``), the rows of each shard in stored order."""
+    frames = {}
+    for dataset in pool:
+        for det in detectors:
+            if evidence:
+                frame = pd.concat([f for _, f, _ in feature_shards(layout, dataset, det, scales, evidence)], ignore_index=True)
+            else:
+                parts = require_shards(layout.oracle_dir(dataset, det, scales), "oracle",
+                                       f"run `confrank oracle --dataset {dataset} --detector {det} --scales {scales}` first")
+                frame = read_tables(parts, "detections")
+            if "oracle_iou" not in frame.columns:
+                raise MissingInputError(f"{dataset}/{det}/{scales}: no oracle_iou; run `confrank oracle` first")
+            frame["image_id"] = frame["image_id"].astype(str)
+            frame["detector"] = det
+            frames[(dataset, det)] = frame
+    return frames
+
+
+def evaluate_fold(frames: dict[str, pd.DataFrame], gts: dict[str, pd.DataFrame], methods: list[str]) -> dict[str, dict[str, float]]:
+    """``{method: {subset: AP}}`` of the held-out boxes ``frames`` (dataset -> rows with the
+    score column of every method: ``score``, ``rank_score``, ``oracle_iou``, ``ensemble_score``)
+    against ``gts`` (dataset -> gt rows of the held-out images). ``single`` is box voting
+    (``multi``) on a multi-scale set; the other methods vote there too."""
+    with_subsets = [d for d in frames if gts[d][["easy", "medium", "hard"]].to_numpy().any()]
+    groups = [(with_subsets, True), ([d for d in frames if d not in with_subsets], False)]
+    result: dict[str, dict[str, float]] = {m: {} for m in methods}
+    for datasets, official in groups:
+        if not datasets:
+            continue
+        gt = pd.concat([gts[d].assign(image_id=d + "/" + gts[d]["image_id"]) for d in datasets], ignore_index=True)
+        boxes = pd.concat([frames[d].assign(image_id=d + "/" + frames[d]["image_id"]) for d in datasets], ignore_index=True)
+        multi_view = len(boxes[["scale", "flip"]].drop_duplicates()) > 1
+        for method in methods:
+            base = ("multi" if multi_view else "single") if method == "single" else method
+            final = fuse(boxes, base, NMS_IOU, NMS_KEEP, False)
+            ev = WiderFaceEval(gt, final).evaluate()
+            if official:
+                for s in SUBSETS:
+                    result[method][s] = ev.widerface_curve(ev.keep_mask(s)).ap
+            else:
+                keep = ~gt["ignore"].to_numpy(bool) if "ignore" in gt else None
+                result[method]["all"] = ev.voc_curve(keep).ap
+    return result
+
+
+def _rank_scores(kind: str, model, config, frame: pd.DataFrame, layout: Layout, dataset: str, device,
+                 batch_size: int) -> np.ndarray:
+    """``rank_score`` of every row of ``frame`` (boxes of one dataset and detector)."""
+    if kind == "gbm":
+        return gbm_rank_frame(frame, model, config)["rank_score"].to_numpy(np.float32)
+    table, _ = load_images_table(layout, dataset)
+    sizes = {r.image_id: (int(r.width), int(r.height)) for r in table.itertuples(index=False)}
+    paths = {r.image_id: (r.abspath, int(r.width), int(r.height)) for r in table.itertuples(index=False)}
+    ranked = rerank_frame(frame, model, config, sizes, lambda i: read_rgb(*paths[i]), device, batch_size)
+    return ranked["rank_score"].to_numpy(np.float32)
+
+
+def run_cv(layout: Layout, name: str, variant: str, pool: list[str], detectors: list[str], train_detectors: list[str],
+           scales: str, folds: int, options: dict[str, Any], *, preset: str | None = None, device: str = "auto",
+           workers: int = 0, batch_size: int = 8) -> pd.DataFrame:
+    """Cross-validate one ranker setting; writes and returns the variant's per-fold APs."""
+    kind, model_cfg, train_cfg = ranker_settings(options)
+    evidence = model_cfg.evidence if isinstance(model_cfg, GbmConfig) else tuple(parse_names(options["evidence"])) if options["evidence"] else ()
+    assignment = pool_folds(layout, pool, folds)
+    if evidence:  # every fold reads the same features: compute each detector's once, as `confrank features`
+        for dataset in pool:
+            for det in sorted(set(detectors) | set(train_detectors)):
+                ensure_features(layout, dataset, det, scales, evidence)
+    frames = held_out_frames(layout, pool, detectors, scales, evidence)
+    gts = {d: read_gt(layout, d)[1] for d in pool}
+    out_dir = layout.cv_variant_dir(name, variant)
+    dev = pick_device(device)
+    methods = [m for m in METHODS if m != "ensemble" or evidence]
+    rows = []
+    for fold in range(1, folds + 1):
+        train_ids = {d: {i for i, f in a.items() if f != fold} for d, a in assignment.items()}
+        test_ids = {d: {i for i, f in a.items() if f == fold} for d, a in assignment.items()}
+        fold_dir = out_dir / f"fold-{fold}"
+        t0 = time.perf_counter()
+        if kind == "gbm":
+            train_gbm_ranker(layout, f"{name}/{variant}/fold-{fold}", pool, train_detectors, scales, model_cfg,
+                             chosen_ids=train_ids, out=fold_dir, threads=workers, preset=preset)
+        else:
+            train_ranker(layout, f"{name}/{variant}/fold-{fold}", pool, train_detectors, scales, model_cfg, train_cfg,
+                         device=device, workers=workers, pretrained=options["pretrained"], out=fold_dir,
+                         chosen_ids=train_ids, checkpoint_every=max(1, train_cfg.iterations // 4))
+        seconds = time.perf_counter() - t0
+        model, config = load_ranker(fold_dir / "model.pt", dev)
+        for det in detectors:
+            held = {}
+            for dataset in pool:
+                frame = frames[(dataset, det)]
+                frame = frame[frame["image_id"].isin(test_ids[dataset])].reset_index(drop=True)
+                frame["rank_score"] = _rank_scores(kind, model, config, frame, layout, dataset, dev, batch_size)
+                held[dataset] = frame
+            gt = {d: gts[d][gts[d]["image_id"].isin(test_ids[d])] for d in pool}
+            aps = evaluate_fold(held, gt, methods)
+            for subset in aps["single"]:
+                groups = [d for d in pool if (subset == "all") != bool(gt[d][list(SUBSETS)].to_numpy().any())]
+                rows.append({
+                    "cv": name, "ranker": variant, "detector": det, "scales": scales, "fold": fold, "subset": subset,
+                    **{f"ap_{m}": aps[m][subset] if m in aps else np.nan for m in METHODS},
+                    "n_images": sum(len(test_ids[d]) for d in groups),
+                    "n_faces": sum(len(gt[d]) for d in groups),
+                    "train_detectors": ",".join(train_detectors), "train_seconds": seconds,
+                })
+        click.echo(f"cv {name}/{variant}: fold {fold}/{folds} trained in {seconds:.1f} s", err=True)
+    table = pd.DataFrame(rows)
+    table["delta"] = table["ap_rank"] - table["ap_single"]
+    write_table(table, layout.cv_deltas(name, variant), "cv_deltas",
+                {"stage": "cv", "config": {"pool": pool, "detectors": detectors, "train_detectors": train_detectors,
+                                           "scales": scales, "folds": folds, "preset": preset, **_plain(options)}})
+    return table
+
+
+def _plain(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in sorted(options.items()) if isinstance(v, (str, int, float, bool)) or v is None}
+
+
+def summarize(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean and sd over folds (in AP points) of rank - single, ensemble - single and
+    oracle - single, per variant, detector and subset."""
+    t = table.assign(d_rank=100 * (table["ap_rank"] - table["ap_single"]),
+                     d_ensemble=100 * (table["ap_ensemble"] - table["ap_single"]),
+                     d_oracle=100 * (table["ap_oracle"] - table["ap_single"]),
+                     single=100 * table["ap_single"])
+    agg = t.groupby(["ranker", "detector", "subset"], sort=False)[["single", "d_rank", "d_ensemble", "d_oracle"]]
+    out = agg.agg(["mean", "std"])
+    out.columns = [f"{a}_{b}" for a, b in out.columns]
+    out["folds"] = agg.size()
+    return out.reset_index()
+
+
+def summary_markdown(summary: pd.DataFrame) -> str:
+    """One table: variant x detector rows, ΔAP mean ± sd per subset (rank - single), with the
+    ensemble baseline's and the oracle's in brackets."""
+    subsets = [s for s in (*SUBSETS, "all") if s in set(summary["subset"])]
+    lines = ["| variant | detector | " + " | ".join(f"Δ{s} rank (ensemble) [oracle]" for s in subsets) + " |",
+             "|---|---|" + "---|" * len(subsets)]
+    for (variant, det), part in summary.groupby(["ranker", "detector"], sort=False):
+        cells = []
+        for s in subsets:
+            r = part[part["subset"] == s]
+            if r.empty:
+                cells.append("—")
+                continue
+            r = r.iloc[0]
+            ens = "" if np.isnan(r["d_ensemble_mean"]) else f" ({r['d_ensemble_mean']:+.1f})"
+            cells.append(f"{r['d_rank_mean']:+.1f} ± {r['d_rank_std']:.1f}{ens} [{r['d_oracle_mean']:+.1f}]")
+        lines.append(f"| {variant} | {det} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+@click.group("cv")
+def cli() -> None:
+    """Cross-validation of ranker settings on a pool of datasets (see `confrank cv run --help`)."""
+
+
+@cli.command("run")
+@click.option("--name", required=True, help="Name of the cross-validation experiment (output folder).")
+@click.option("--variant", required=True, help="Name of this ranker setting within the experiment.")
+@click.option("--pool", required=True, help="Comma-separated datasets of the training pool (indexed, with oracle shards).")
+@click.option("--detectors", required=True, help="Comma-separated detectors whose held-out boxes are evaluated.")
+@click.option("--train-detectors", default=None,
+              help="Detectors whose boxes the ranker trains on (default: --detectors); leave one out to measure "
+                   "generalisation to an unseen detector.")
+@click.option("--scales", required=True, help="Scale set of the detections.")
+@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True)
+@ranker_options
+@click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="DataLoader worker processes (network), or LightGBM threads (gbm; 0 = all cores).")
+@data_dir_option
+def run_cli(name: str, variant: str, pool: str, detectors: str, train_detectors: str | None, scales: str, folds: int,
+            preset: str | None, device: str, workers: int, data_dir: Path, **options) -> None:
+    """Train on K-1 folds, evaluate single / rank / oracle / ensemble on the held-out fold."""
+    layout = Layout.from_env(data_dir)
+    dets = parse_names(detectors)
+    table = run_cv(layout, name, variant, parse_names(pool), dets, parse_names(train_detectors) if train_detectors else dets,
+                   scales, folds, options, preset=preset, device=device, workers=workers)
+    click.echo(summary_markdown(summarize(table)), nl=False)
+
+
+@cli.command("summary")
+@click.option("--name", required=True, help="Name of the cross-validation experiment.")
+@click.option("--variants", default=None, help="Comma-separated variants (default: every variant folder of the experiment).")
+@data_dir_option
+def summary_cli(name: str, variants: str | None, data_dir: Path) -> None:
+    """Concatenate the variants' per-fold APs and write the mean ± sd table."""
+    layout = Layout.from_env(data_dir)
+    names = parse_names(variants) if variants else sorted(p.parent.name for p in layout.cv_dir(name).glob("*/deltas.parquet"))
+    if not names:
+        raise MissingInputError(f"{layout.cv_dir(name)}: no variant results; run `confrank cv run --name {name} ...` first")
+    table = pd.concat([read_table(layout.cv_deltas(name, v), "cv_deltas") for v in names], ignore_index=True)
+    write_table(table, layout.cv_deltas(name), "cv_deltas", {"stage": "cv summary", "variants": names})
+    text = summary_markdown(summarize(table))
+    write_text_atomic(layout.cv_summary(name), f"# Cross-validation {name}: ΔAP (points), mean ± sd over folds\n\n{text}")
+    click.echo(text, nl=False)

@@ -1,0 +1,37 @@
+"""``confrank features``: per-box features of one detector's boxes, cached as shards.
+
+Reads the oracle shards of (dataset, detector, scales) (the detections shards when there
+are none), every shard of each *other* evidence detector on the same dataset and scale set,
+and the images table (for the image sizes). Writes
+``Layout.features(dataset, detector, scales, k)``: the input shard's rows in the same order
+plus the ``pipeline.ranker.features.FEATURES`` columns and ``ensemble_score`` (the
+training-free baseline: mean of the box's score and the best overlapping score of another
+detector). ``confrank nms --method ensemble`` fuses on ``ensemble_score``; the feature ranker
+(``confrank train --model gbm``) trains on and re-scores with the feature columns.
+
+The evidence set is recorded in the shards' metadata; train and rerank refuse shards made
+with another set. Features depend only on boxes and scores: no image is decoded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from stages.common import evidence_option, parse_names, write_features
+from stages.layout import Layout, data_dir_option
+
+
+@click.command("features")
+@click.option("--dataset", required=True, help="Dataset name.")
+@click.option("--detector", required=True, help="Detector whose boxes are described.")
+@click.option("--scales", required=True, help="Scale set of the detections.")
+@evidence_option
+@data_dir_option
+def cli(dataset: str, detector: str, scales: str, evidence: str, data_dir: Path) -> None:
+    """Per-box features and the ensemble score of one detector's shards."""
+    layout = Layout.from_env(data_dir)
+    written = write_features(layout, dataset, detector, scales, parse_names(evidence))
+    click.echo(f"features {dataset}/{detector}/{scales}: {len(written)} shard(s) -> "
+               f"{layout.features_dir(dataset, detector, scales)}")
