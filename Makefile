@@ -23,6 +23,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/evaluate.py
+	$(BIN)/python bench/evaluate_cli.py
 	$(BIN)/python bench/detect.py
 
 clean:
