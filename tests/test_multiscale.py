@@ -5,8 +5,9 @@ scales x 2 flips) and at the original size on the first two val34 images (1024x7
 1024x682, 29 faces). On those shards:
 
 * every (scale, flip) view's confident boxes lie on the annotated faces: this fails when the
-  detect stage does not undo a flip, or reads an input size as (height, width) (both were
-  tried by breaking ``pipeline/detect.py`` on purpose; square images cannot show the second);
+  detect stage does not undo a flip, or mixes up width and height (the flip mirrored about the
+  input height, or the image size read as (height, width)): each was tried by breaking
+  ``pipeline/detect.py`` on purpose; square images cannot show the last two;
 * ``confrank nms --method multi`` gives, box for box, what the RetinaFace ``bbox_vote`` loop
   (this file's own copy) gives on the same shards;
 * voting over the multi-scale set finds more of the hard (small) faces than single-scale NMS
@@ -32,8 +33,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multiscale")]
 
 DATASET, DETECTOR, IMAGES = "few", "slim", 2
 #: in every view, at least this share of the boxes scored >= 0.5 overlap a face at IoU >= 0.5
-#: (measured: 0.63 at the lowest, 1700 px on the marching image; 0.12 at most with a flip not
-#: undone, 0.0 with the input size read as (height, width))
+#: (measured: 0.63 at the lowest, 1700 px on the marching image; 0.0 in every flipped view with
+#: the flip not undone, or mirrored about the input height instead of its width)
 MIN_ON_FACES = 0.5
 
 
