@@ -14,7 +14,8 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-from pipeline.config import SCALE_SETS, detection_sets, expand as expand_results, ranker_args, used_rankers, validate_config
+from pipeline.config import (SCALE_SETS, cv_detectors, cv_jobs, detection_sets, expand as expand_results, feature_sets,
+                             is_gbm, ranker_args, resolve_ranker, used_rankers, validate_config)
 from pipeline.detectors.registry import DETECTORS
 from pipeline.provenance import code_hash
 from pipeline.shards import config_hash
@@ -32,6 +33,8 @@ validate(config, str(SCHEMA))
 L = Layout.from_env(config["data_dir"])
 DATASETS = config["datasets"]
 RANKERS = config["rankers"]
+CV = config["cv"]
+EVIDENCE = ",".join(config["evidence"])
 POST = config["postprocess"]
 RESULTS = expand_results(config)
 CONFIG_HASH = config_hash(config)
@@ -62,6 +65,8 @@ wildcard_constraints:
     detector=_alt(DETECTORS),
     scales=_alt(SCALE_SETS),
     ranker=_alt(RANKERS) if RANKERS else "(?!)",
+    cv=_alt(CV) if CV else "(?!)",
+    variant=r"[^/]+",
     shard=r"\d+",
 
 
@@ -92,7 +97,13 @@ def flag(name, value):
 rule all:
     input:
         metrics_files(RESULTS),
+        [T("cv_summary", name) for name in CV],
         T("report_dir") + "/report.html",
+
+
+rule cv_all:
+    input:
+        [T("cv_summary", name) for name in CV],
 
 
 rule detect:
@@ -216,16 +227,62 @@ rule oracle:
         " --scales {wildcards.scales} {params.dask} > {log} 2>&1"
 
 
+def evidence_dirs(ds, det, sset):
+    """Oracle shards of the other evidence detectors: what a features job reads besides its own."""
+    return [T("oracle_dir", ds, e, sset) for e in config["evidence"] if e != det]
+
+
+rule features:
+    input:
+        own=T("oracle_dir", "{dataset}", "{detector}", "{scales}"),
+        evidence=lambda wc: evidence_dirs(wc.dataset, wc.detector, wc.scales),
+        images=T("images", "{dataset}"),
+    output:
+        directory(T("features_dir", "{dataset}", "{detector}", "{scales}")),
+    params:
+        evidence=EVIDENCE,
+        code=code_hash("stages.features"),
+    log:
+        "logs/features/{dataset}/{detector}/{scales}.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        ENV + "{CONFRANK} features --dataset {wildcards.dataset} --detector {wildcards.detector}"
+        " --scales {wildcards.scales} --evidence {params.evidence} > {log} 2>&1"
+
+
+def ranker_data(r):
+    """The Layout folder kind a ranker (or cv variant) trains on: features for a feature ranker."""
+    return "features_dir" if is_gbm(r) else "oracle_dir"
+
+
 def train_input(wc):
     r = RANKERS[wc.ranker]
-    return [T("oracle_dir", ds, det, r["scales"]) for ds in r["datasets"] for det in r["detectors"]]
+    kind = ranker_data(r)
+    return [T(kind, ds, det, r["scales"]) for ds in r["datasets"] for det in r["detectors"]]
 
 
 def train_args(wc):
     r = RANKERS[wc.ranker]
     fixed = [flag("datasets", ",".join(r["datasets"])), flag("detectors", ",".join(r["detectors"])),
              flag("scales", r["scales"])]
-    return " ".join(fixed + [flag(k.replace("_", "-"), v) for k, v in ranker_args(r).items()])
+    return " ".join(fixed + settings_flags(r))
+
+
+def settings_flags(r):
+    flags = []
+    for key, value in ranker_args(r).items():
+        if key == "evidence":  # the one evidence set of the features shards, below
+            continue
+        if isinstance(value, bool):
+            flags.append(f"--{key.replace('_', '-')}" if value else f"--no-{key.replace('_', '-')}")
+        else:
+            flags.append(flag(key.replace("_", "-"), ",".join(value) if isinstance(value, list) else value))
+    if is_gbm(r):
+        flags.append(flag("evidence", EVIDENCE))
+    return flags
 
 
 rule train_ranker:
@@ -236,6 +293,7 @@ rule train_ranker:
         log=T("ranker_dir", "{ranker}") + "/train_log.parquet",
     params:
         args=train_args,
+        settings=lambda wc: json.dumps(resolve_ranker(RANKERS[wc.ranker]), sort_keys=True),
         code=code_hash("stages.train"),
     log:
         "logs/train/{ranker}.log",
@@ -252,6 +310,7 @@ rule rerank:
     input:
         model=T("ranker_model", "{ranker}"),
         oracle=T("oracle_dir", "{dataset}", "{detector}", "{scales}"),
+        features=lambda wc: [T("features_dir", wc.dataset, wc.detector, wc.scales)] if is_gbm(RANKERS[wc.ranker]) else [],
         detections=lambda wc: detection_shards(wc.dataset, wc.detector, wc.scales),
     output:
         directory(T("reranked_dir", "{ranker}", "{dataset}", "{detector}", "{scales}")),
@@ -278,6 +337,8 @@ NMS_ARGS = " ".join([
 
 
 def nms_input(wc):
+    if wc.method == "ensemble":
+        return [T("features_dir", wc.dataset, wc.detector, wc.scales)]
     if wc.method == "oracle":
         return [T("oracle_dir", wc.dataset, wc.detector, wc.scales)]
     return detection_shards(wc.dataset, wc.detector, wc.scales)
@@ -289,7 +350,7 @@ rule nms:
     output:
         T("final", "{dataset}", "{detector}", "{scales}", "{method}"),
     wildcard_constraints:
-        method="single|multi|oracle",
+        method="single|multi|oracle|ensemble",
     params:
         args=NMS_ARGS,
         dask=DASK,
@@ -350,7 +411,7 @@ rule evaluate_method:
             labels={"detector": "{detector}", "scales": "{scales}", "method": "{method}"},
         ),
     wildcard_constraints:
-        method=r"single|multi|oracle|rank-[^/]+",
+        method=r"single|multi|oracle|ensemble|rank-[^/]+",
     params:
         method=evaluate_method_args,
         code=code_hash("stages.evaluate"),
@@ -363,6 +424,61 @@ rule evaluate_method:
     shell:
         ENV + "{CONFRANK} evaluate --dataset {wildcards.dataset} --detector {wildcards.detector}"
         " --scales {wildcards.scales} {params.method} --format json > {log} 2>&1"
+
+
+def cv_input(wc):
+    cv, v = CV[wc.cv], CV[wc.cv]["variants"][wc.variant]
+    dets = list(dict.fromkeys(v.get("detectors") or cv["detectors"])) + list(v.get("train_detectors") or [])
+    kind = ranker_data(v)
+    return [T(kind, ds, det, cv["scales"]) for ds in cv["datasets"] for det in dict.fromkeys(dets)] + [
+        T("images", ds) for ds in cv["datasets"]]
+
+
+def cv_args(wc):
+    cv, v = CV[wc.cv], CV[wc.cv]["variants"][wc.variant]
+    dets = v.get("detectors") or cv["detectors"]
+    fixed = [flag("pool", ",".join(cv["datasets"])), flag("detectors", ",".join(dets)), flag("scales", cv["scales"]),
+             flag("folds", cv["folds"]), flag("train-detectors", ",".join(v["train_detectors"]) if v.get("train_detectors") else None)]
+    return " ".join(fixed + settings_flags({k: x for k, x in v.items() if k != "detectors"}))
+
+
+rule cv:
+    input:
+        cv_input,
+    output:
+        T("cv_deltas", "{cv}", "{variant}"),
+    params:
+        args=cv_args,
+        settings=lambda wc: json.dumps(resolve_ranker(CV[wc.cv]["variants"][wc.variant]), sort_keys=True),
+        code=code_hash("stages.cv"),
+    log:
+        "logs/cv/{cv}/{variant}.log",
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=16000,
+        runtime=1440,
+    shell:
+        ENV + "{CONFRANK} cv run --name {wildcards.cv} --variant {wildcards.variant} {params.args} {DEVICE} > {log} 2>&1"
+
+
+rule cv_summary:
+    input:
+        lambda wc: [T("cv_deltas", wc.cv, v) for v in CV[wc.cv]["variants"]],
+    output:
+        deltas=T("cv_deltas", "{cv}"),
+        summary=T("cv_summary", "{cv}"),
+    params:
+        variants=lambda wc: ",".join(CV[wc.cv]["variants"]),
+        code=code_hash("stages.cv"),
+    log:
+        "logs/cv/{cv}.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        ENV + "{CONFRANK} cv summary --name {wildcards.cv} --variants {params.variants} > {log} 2>&1"
 
 
 REPORT_SETTINGS = {
@@ -378,6 +494,7 @@ rule report:
     input:
         metrics=metrics_files(RESULTS),
         rankers=[T("ranker_dir", r) + "/train_log.parquet" for r in used_rankers(config)],
+        cv=[T("cv_deltas", name) for name in CV],
     output:
         html=report(T("report_dir") + "/report.html", category="Report"),
         md=T("report_dir") + "/report.md",

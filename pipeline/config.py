@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jsonschema
@@ -121,8 +122,31 @@ def _semantic_errors(config: Mapping[str, Any]) -> list[str]:
             if ds not in datasets:
                 problems.append(f"{where}.datasets[{i}]: {_known('dataset', ds, datasets)}")
 
+    evidence = config.get("evidence") or []
+    check_names("evidence", evidence, [], [])
+
+    def check_ranker(where: str, ranker: Mapping[str, Any]) -> None:
+        for key in ("train_detectors", "evidence"):
+            check_names(f"{where}.{key}", ranker.get(key) or [], [], [])
+        preset = ranker.get("preset")
+        if preset is not None and not (PRESET_DIR / f"{preset}.yaml").is_file():
+            problems.append(f"{where}.preset: {_known('preset', preset, [p.stem for p in PRESET_DIR.glob('*.yaml')])}")
+            return
+        settings = resolve_ranker(ranker)
+        if settings.get("model") == "gbm":
+            if not evidence:
+                problems.append(f"{where}: a gbm ranker needs the top-level 'evidence' list (its features' evidence set)")
+            elif settings.get("evidence") and sorted(settings["evidence"]) != sorted(evidence):
+                problems.append(f"{where}.evidence: {settings['evidence']} differs from the top-level evidence {evidence}; "
+                                "the features shards of a dataset have one evidence set")
+
     for name, ranker in rankers.items():
         check_names(f"rankers.{name}", ranker["detectors"], [ranker["scales"]], ranker["datasets"])
+        check_ranker(f"rankers.{name}", ranker)
+    for name, cv in (config.get("cv") or {}).items():
+        check_names(f"cv.{name}", cv["detectors"], [cv["scales"]], cv["datasets"])
+        for variant, settings in cv["variants"].items():
+            check_ranker(f"cv.{name}.variants.{variant}", settings)
     for i, exp in enumerate(config["experiments"]):
         where = f"experiments[{i}]"
         check_names(where, exp["detectors"], exp["scales"], [])
@@ -133,6 +157,8 @@ def _semantic_errors(config: Mapping[str, Any]) -> list[str]:
                 problems.append(f"{where}.rankers[{j}]: {_known('ranker', rname, rankers)}")
         if "rank" in exp["methods"] and not _experiment_rankers(exp, rankers):
             problems.append(f"{where}.methods: 'rank' needs at least one ranker in 'rankers'")
+        if "ensemble" in exp["methods"] and not evidence:
+            problems.append(f"{where}.methods: 'ensemble' needs the top-level 'evidence' list of detectors")
     return problems
 
 
@@ -177,7 +203,48 @@ def detection_sets(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
         for ds in ranker["datasets"]:
             for det in ranker["detectors"]:
                 seen.setdefault((ds, det, ranker["scales"]))
+    for cv in (config.get("cv") or {}).values():
+        for ds in cv["datasets"]:
+            for det in cv_detectors(cv):
+                seen.setdefault((ds, det, cv["scales"]))
+    for ds, _, sset in feature_sets(config):
+        for det in config.get("evidence") or []:
+            seen.setdefault((ds, det, sset))
     return list(seen)
+
+
+def feature_sets(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """(dataset, detector, scales) of every features job: the ensemble results, the feature
+    rankers' training data and every cross-validation pool (when ``evidence`` is set)."""
+    seen: dict[tuple[str, str, str], None] = {}
+    for res in expand(config):
+        if res.method == "ensemble" or (res.ranker and is_gbm(config["rankers"][res.ranker])):
+            seen.setdefault((res.dataset, res.detector, res.scales))
+    for name in used_rankers(config):
+        ranker = config["rankers"][name]
+        if is_gbm(ranker):
+            for ds in ranker["datasets"]:
+                for det in ranker["detectors"]:
+                    seen.setdefault((ds, det, ranker["scales"]))
+    for cv in (config.get("cv") or {}).values():
+        if any(is_gbm(v) for v in cv["variants"].values()) and config.get("evidence"):
+            for ds in cv["datasets"]:
+                for det in cv_detectors(cv):
+                    seen.setdefault((ds, det, cv["scales"]))
+    return list(seen)
+
+
+def cv_detectors(cv: Mapping[str, Any]) -> list[str]:
+    """Every detector a cross-validation experiment evaluates or trains on, in order."""
+    names = list(cv["detectors"])
+    for variant in cv["variants"].values():
+        names += [d for d in variant.get("train_detectors") or variant.get("detectors") or [] if d not in names]
+    return names
+
+
+def cv_jobs(config: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(experiment, variant) of every cross-validation job."""
+    return [(name, variant) for name, cv in (config.get("cv") or {}).items() for variant in cv["variants"]]
 
 
 def used_rankers(config: Mapping[str, Any]) -> list[str]:
@@ -186,6 +253,31 @@ def used_rankers(config: Mapping[str, Any]) -> list[str]:
     return [name for name in config.get("rankers", {}) if name in needed]
 
 
+#: preset files of ``confrank train --preset NAME`` (one YAML mapping of option names each)
+PRESET_DIR = Path(__file__).resolve().parents[1] / "config" / "presets"
+#: keys of a ranker entry that say what it trains on, not how
+DATA_KEYS = ("datasets", "detectors", "train_detectors", "scales")
+
+
+def read_preset(name: str) -> dict[str, Any]:
+    """The settings of preset ``name`` (``PRESET_DIR/name.yaml``)."""
+    import yaml
+
+    return dict(yaml.safe_load((PRESET_DIR / f"{name}.yaml").read_text()) or {})
+
+
+def resolve_ranker(ranker: Mapping[str, Any]) -> dict[str, Any]:
+    """A ranker's effective settings: its preset's values, overridden by its own keys."""
+    base = read_preset(ranker["preset"]) if ranker.get("preset") else {}
+    return {**base, **{k: v for k, v in ranker.items() if k != "preset"}}
+
+
+def is_gbm(ranker: Mapping[str, Any]) -> bool:
+    """Whether a ranker entry (or cv variant) is a feature ranker."""
+    return resolve_ranker(ranker).get("model") == "gbm"
+
+
 def ranker_args(ranker: Mapping[str, Any]) -> dict[str, Any]:
-    """The settings of a ranker that change its model (the train rule's params)."""
-    return {k: v for k, v in ranker.items() if k not in ("datasets", "detectors", "scales")}
+    """The command-line settings of a ranker: its own keys (the preset by name; the train
+    rule's params also carry :func:`resolve_ranker`, so editing a preset file reruns it)."""
+    return {k: v for k, v in ranker.items() if k not in DATA_KEYS}

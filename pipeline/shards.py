@@ -37,7 +37,6 @@ import pyarrow.parquet as pq
 
 from pipeline import __version__
 from pipeline.errors import SchemaError
-from pipeline.ranker.features import FEATURES
 
 META_KEY = b"confrank"
 LANDMARK_COLUMNS = tuple(f"lm_{a}{i}" for i in range(5) for a in "xy")
@@ -100,14 +99,6 @@ SCHEMAS: dict[str, list[Column]] = {
         Column("subset", _STR), Column("iou", _F32), Column("threshold", _F32),
         Column("recall", pa.float64()), Column("precision", pa.float64()),
     ],
-    # a detections (or oracle) shard with the feature ranker's per-box features
-    "features": [
-        Column("image_id", _STR), Column("detector", _STR), Column("scale", pa.int32()),
-        Column("flip", pa.bool_()), *_cols(BOX_COLUMNS, _F32), Column("score", _F32),
-        *_cols(LANDMARK_COLUMNS, _F32, required=False),
-        Column("oracle_iou", _F32, required=False), Column("gt_id", pa.int32(), required=False),
-        *_cols(FEATURES, _F32), Column("ensemble_score", _F32),
-    ],
     # cross-validation of ranker settings: APs of one held-out fold per row (confrank cv)
     "cv_deltas": [
         Column("cv", _STR), Column("ranker", _STR), Column("detector", _STR), Column("scales", _STR),
@@ -125,6 +116,17 @@ SCHEMAS: dict[str, list[Column]] = {
 
 #: columns stored dictionary-encoded (few distinct values, many rows)
 DICTIONARY_COLUMNS = frozenset({"image_id", "detector", "split", "event", "subset"})
+
+
+def register_schema(kind: str, columns: Sequence[Column]) -> None:
+    """Declare table ``kind`` from another module (the feature ranker declares ``features``
+    this way, so that this module, which every stage imports, does not depend on it)."""
+    SCHEMAS[kind] = list(columns)
+
+
+def detection_columns() -> list[Column]:
+    """The columns of a ``detections`` table (for tables that extend it)."""
+    return list(SCHEMAS["detections"])
 
 
 def _arrow_type(col: Column) -> pa.DataType:
@@ -249,10 +251,13 @@ def provenance(
 
 
 def _display(path: str | Path) -> str:
+    """A path's name in provenance: relative to the working folder when under it, else its
+    last five components (enough to keep ``.../detector=A/scales=S/part-0.parquet`` and
+    ``.../detector=B/scales=S/part-0.parquet`` apart, and free of where the data folder is)."""
     p = Path(path)
     with contextlib.suppress(ValueError):
         return str(p.resolve().relative_to(Path.cwd().resolve()))
-    return p.name
+    return str(Path(*p.resolve().parts[-5:]))
 
 
 # ----------------------------------------------------------------------------- atomic I/O

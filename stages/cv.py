@@ -29,13 +29,14 @@ import click
 import numpy as np
 import pandas as pd
 
-from pipeline.errors import ConfrankError, MissingInputError
+from pipeline.errors import MissingInputError
 from pipeline.metrics import WiderFaceEval
 from pipeline.postprocess import fuse
 from pipeline.ranker.folds import assign_folds
 from pipeline.ranker.gbm import GbmConfig
 from pipeline.shards import read_table, read_tables, write_table, write_text_atomic
-from stages.common import ensure_features, feature_shards, parse_names, read_gt, require_shards
+from stages.common import parse_names, read_gt, require_shards
+from stages.featurestore import ensure_features, feature_shards
 from stages.layout import Layout, data_dir_option
 from stages.rankers import (gbm_rank_frame, load_images_table, load_ranker, pick_device, ranker_options, ranker_settings,
                             read_rgb, rerank_frame, train_gbm_ranker, train_ranker)

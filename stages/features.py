@@ -19,7 +19,8 @@ from pathlib import Path
 
 import click
 
-from stages.common import evidence_option, parse_names, write_features
+from stages.common import parse_names
+from stages.featurestore import evidence_option, write_features
 from stages.layout import Layout, data_dir_option
 
 

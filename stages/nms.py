@@ -22,7 +22,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-import numpy as np
 import pandas as pd
 import torch
 
@@ -34,6 +33,8 @@ from stages.layout import Layout, data_dir_option
 def _fuse_shard(job: tuple[Path, str, float, int, bool]) -> tuple[pd.DataFrame, int]:
     path, method, iou, keep, keep_singletons = job
     torch.set_num_threads(1)
+    if method == "ensemble":
+        import pipeline.ranker.features  # noqa: F401  (declares the ``features`` table)
     dets = read_table(path, "features" if method == "ensemble" else "detections")
     n_views = len(dets[["scale", "flip"]].drop_duplicates())
     return fuse(dets, method, iou, keep, keep_singletons, source=str(path)), n_views

@@ -30,16 +30,18 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from pipeline.config import PRESET_DIR as CONFIG_PRESET_DIR
 from pipeline.errors import ConfrankError, FormatError, MissingInputError
 from pipeline.imaging import decode_image
-from pipeline.ranker.data import HALVES, BoxGroup, RankerDataset, TrainImage, box_groups, box_matrix, letterbox, split_half
+from pipeline.ranker.data import BoxGroup, RankerDataset, TrainImage, box_groups, box_matrix, letterbox, split_half
 from pipeline.ranker.features import FEATURES
 from pipeline.ranker.gbm import OBJECTIVES, PAYLOAD_FORMAT as GBM_FORMAT, GbmConfig, gbm_from_payload, gbm_payload, predict_gbm, train_gbm
 from pipeline.ranker.model import BACKBONES, IMAGE_BRANCHES, OUTPUTS, RankerConfig, build_ranker, model_from_payload, model_payload
 from pipeline.ranker.train import Trainer, TrainConfig
 from pipeline.shards import (atomic_output, provenance, read_metadata, read_table, read_tables,
                              shard_paths, write_table, write_text_atomic)
-from stages.common import feature_shards, parse_names
+from stages.common import parse_names
+from stages.featurestore import feature_shards
 from stages.layout import Layout
 
 CHECKPOINT_FORMAT = "confrank-ranker-checkpoint"
@@ -390,8 +392,6 @@ def train_gbm_ranker(layout: Layout, ranker: str, datasets: list[str], detectors
                      chosen_ids: dict[str, set[str]] | None = None, out: Path | None = None,
                      threads: int = 0, log_every: int = 10, preset: str | None = None) -> dict[str, Any]:
     """Train the feature ranker and write its folder; returns a summary (rows, seconds, ...)."""
-    import lightgbm as lgb
-
     if not config.evidence:
         raise ConfrankError("the feature ranker needs --evidence (the detectors whose boxes are evidence)")
     if chosen_ids is None:
@@ -450,7 +450,7 @@ def gbm_rank_frame(frame: pd.DataFrame, booster, config: GbmConfig) -> pd.DataFr
 # ----------------------------------------------------------------------------- presets and options
 
 #: preset files: ``--preset NAME`` reads ``PRESET_DIR/NAME.yaml`` (or a path to a .yaml file)
-PRESET_DIR = Path(__file__).resolve().parents[1] / "config" / "presets"
+PRESET_DIR = CONFIG_PRESET_DIR
 
 
 def preset_path(value: str) -> Path:

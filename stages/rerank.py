@@ -27,7 +27,7 @@ import numpy as np
 from pipeline.ranker.gbm import GbmConfig
 from pipeline.shards import provenance, read_table, sha256_file, shard_paths, write_table
 from pipeline.errors import MissingInputError
-from stages.common import feature_shards
+from stages.featurestore import feature_shards
 from stages.layout import Layout, data_dir_option
 from stages.rankers import gbm_rank_frame, load_images_table, load_ranker, pick_device, read_rgb, rerank_frame
 

@@ -6,8 +6,10 @@ import copy
 
 import pytest
 import yaml
+from snakemake.utils import update_config
 
-from pipeline.config import ConfigError, Result, detection_sets, expand, used_rankers, validate_config
+from pipeline.config import (ConfigError, Result, cv_jobs, detection_sets, expand, feature_sets, used_rankers,
+                             validate_config)
 from stages.run import DEFAULT_CONFIG, ROOT, load_config, load_schema
 
 SCHEMA = load_schema()
@@ -19,10 +21,10 @@ def base() -> dict:
 
 def test_shipped_configs_are_valid():
     shipped = sorted(p.name for p in (ROOT / "config").glob("*.yaml") if p.name != "config.schema.yaml")
-    assert {"config.yaml", "test.yaml", "heldout416.yaml"} <= set(shipped)
+    assert {"config.yaml", "test.yaml", "heldout416.yaml", "cv.yaml"} <= set(shipped)
     for name in shipped:
-        merged = base()
-        merged.update(yaml.safe_load((ROOT / "config" / name).read_text()))
+        merged = base()  # --configfile merges over config.yaml key by key, as snakemake does
+        update_config(merged, yaml.safe_load((ROOT / "config" / name).read_text()))
         validate_config(merged, SCHEMA, source=name)
     config = load_config(DEFAULT_CONFIG)
     assert config["postprocess"] == {"iou": 0.4, "keep": 750, "keep_singletons": False}
@@ -88,3 +90,33 @@ def test_expand_matches_methods_to_scale_sets():
     assert used_rankers(config) == ["r2"]
     # r1 is configured but unused: nothing is detected for it
     assert detection_sets(config) == [("d", "slim", "8k"), ("d", "slim", "8k-multi")]
+
+
+def test_feature_ranker_settings_are_checked():
+    config = base()
+    config["rankers"]["g"] = {"datasets": ["sample"], "detectors": ["mtcnn"], "scales": "original", "preset": "cpu"}
+    config["experiments"][0]["methods"] = ["single", "ensemble", "rank"]
+    with pytest.raises(ConfigError) as err:
+        validate_config(config, SCHEMA, source="c.yaml")
+    text = str(err.value)
+    assert "c.yaml: rankers.g: a gbm ranker needs the top-level 'evidence' list" in text
+    assert "c.yaml: experiments[0].methods: 'ensemble' needs the top-level 'evidence' list" in text
+    config["evidence"] = ["mtcnn", "slim"]
+    with pytest.raises(ConfigError, match=r"rankers.g.evidence: \['retinaface-mnet025', 'slim', 'rfb'\] differs"):
+        validate_config(copy.deepcopy(config), SCHEMA, source="c.yaml")
+    config["rankers"]["g"]["preset"] = "fast"
+    with pytest.raises(ConfigError, match=r"rankers.g.preset: unknown preset 'fast'; known: cpu, paper"):
+        validate_config(copy.deepcopy(config), SCHEMA, source="c.yaml")
+
+
+def test_cv_variants_expand_into_jobs_and_detections():
+    config = base()
+    config["evidence"] = ["mtcnn", "slim"]
+    config["cv"] = {"x": {"datasets": ["sample"], "detectors": ["mtcnn"], "scales": "original",
+                          "variants": {"a": {"preset": "cpu", "evidence": ["mtcnn", "slim"]},
+                                       "b": {"model": "network", "image_branch": "none", "train_detectors": ["slim"]}}}}
+    validate_config(config, SCHEMA, source="c.yaml")
+    assert config["cv"]["x"]["folds"] == 5
+    assert cv_jobs(config) == [("x", "a"), ("x", "b")]
+    assert ("sample", "slim", "original") in detection_sets(config)
+    assert ("sample", "mtcnn", "original") in feature_sets(config)

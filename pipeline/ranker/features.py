@@ -19,6 +19,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+
+from pipeline.shards import Column, detection_columns, register_schema
 
 #: IoU at which another detector's box counts as evidence for the same face
 EVIDENCE_IOU = 0.5
@@ -202,3 +205,9 @@ def frame_features(dets: pd.DataFrame, evidence: dict[str, pd.DataFrame],
         out[name] = feats[:, j]
     out["ensemble_score"] = ens
     return out
+
+
+# a detections (or oracle) shard plus the features and the ensemble score: ``confrank features``
+register_schema("features", [*(c for c in detection_columns() if c.name != "rank_score"),
+                             *(Column(name, pa.float32()) for name in FEATURES),
+                             Column("ensemble_score", pa.float32())])
