@@ -75,7 +75,7 @@ def main() -> None:
             path = SHARED / photo
             image = Decoded(path.stem, to_chw_tensor(decode_image(path)))
             det, _ = DetectLoop(detector, [scale], batch_size=1).run([image])
-            ours = (torch.from_numpy(det[["x1", "y1", "x2", "y2"]].to_numpy()), torch.from_numpy(det["score"].to_numpy()))
+            ours = (torch.tensor(det[["x1", "y1", "x2", "y2"]].to_numpy()), torch.tensor(det["score"].to_numpy()))
             ref = reference(detector, image, scale.factor(*image.size))
             share, median = agreement(ours, ref, args.top)
             size = "x".join(map(str, scale.input_size(*image.size)))
