@@ -23,12 +23,8 @@ DETECTOR = "retinaface-mnet025"
 
 
 @pytest.fixture(autouse=True)
-def _env(monkeypatch, weights_dir):
+def _env(monkeypatch, weights_dir, one_torch_thread):
     monkeypatch.setenv("CONFRANK_WEIGHTS", str(weights_dir))
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_dataset(tmp_path, shared, n=6, absolute=False):

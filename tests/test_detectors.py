@@ -27,12 +27,7 @@ WEIGHTED = ("retinaface-mnet025", "retinaface-mnet025-1mb", "slim", "rfb")
 CONFIGS = (ANCHORS_RETINAFACE, ANCHORS_1MB_FAMILY)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def build(name, weights_dir, device="cpu"):
@@ -46,7 +41,7 @@ def load(path) -> Decoded:
 
 @pytest.fixture(scope="module")
 def two_images():
-    from tests.conftest import need_shared
+    from tests.support import need_shared
 
     root = need_shared("widerface416", "WIDER_val", "images")
     return [load(p) for p in sorted(root.glob("*/*.jpg"))[:2]]

@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.shards import read_metadata, read_table
 from stages.layout import Layout
-from tests.conftest import need_shared, run_cli
+from tests.support import need_shared, run_cli
 
 
 def test_index_widerface416(tmp_path, capsys):

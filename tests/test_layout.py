@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from stages.layout import Layout
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 README = ROOT / "data" / "README.md"
 

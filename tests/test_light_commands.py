@@ -11,7 +11,7 @@ import json
 import subprocess
 import sys
 
-from tests.conftest import ROOT, run_cli
+from tests.support import ROOT, run_cli
 
 LIGHT = ("index", "import", "export", "evaluate", "inspect", "report")
 

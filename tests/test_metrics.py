@@ -170,7 +170,7 @@ def test_ap_50_95_and_ap_by_attribute_equal_the_reference_on_their_keep_lists():
 
 @pytest.fixture(scope="module")
 def official_gt():
-    from tests.conftest import need_shared
+    from tests.support import need_shared
 
     return parse_eval_mat(need_shared("widerface", "ground_truth")).gt
 
@@ -199,7 +199,7 @@ EXPECTED = {
 
 @pytest.mark.parametrize("archive", sorted(EXPECTED), ids=lambda a: a[1])
 def test_shared_submissions_reproduce_the_official_ap(official_gt, archive):
-    from tests.conftest import need_shared
+    from tests.support import need_shared
 
     dets = _read_archive(need_shared("widerface", *archive))
     e = WiderFaceEval(official_gt, dets).evaluate()

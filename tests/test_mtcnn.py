@@ -23,7 +23,7 @@ from pipeline.errors import ConfrankError
 from pipeline.widerface import parse_split_txt
 
 NAMES = ("mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet")
-pytestmark = pytest.mark.xdist_group("mtcnn")
+pytestmark = [pytest.mark.xdist_group("mtcnn"), pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,6 @@ def mtcnn_weights():
 
 @pytest.fixture(scope="module")
 def detector(mtcnn_weights):
-    torch.set_num_threads(1)
     return build("mtcnn", mtcnn_weights, torch.device("cpu"))
 
 

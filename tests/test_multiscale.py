@@ -21,12 +21,11 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from pipeline.cli import main
 from pipeline.shards import read_table, shard_paths
 from stages.layout import Layout
-from tests.conftest import need_shared, run_cli
+from tests.support import need_shared, one_thread, run_cli
 from tests.widerface_reference import bbox_overlaps_numpy
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multiscale")]
@@ -57,15 +56,10 @@ def few(tmp_path_factory) -> Layout:
                 ["subset", "--parent", "v34", "--name", DATASET, "--max-images", IMAGES]]
     commands += [["detect", "--dataset", DATASET, "--detector", DETECTOR, "--scales", scales, "--device", "cpu",
                   "--workers", 0] for scales in ("wider-multi", "original")]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("CONFRANK_WEIGHTS", str(weights))
-            for args in commands:
-                confrank([*args, "--data-dir", data])
-    finally:
-        torch.set_num_threads(threads)
+    with one_thread(), pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CONFRANK_WEIGHTS", str(weights))
+        for args in commands:
+            confrank([*args, "--data-dir", data])
     return Layout(data)
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.shards import read_metadata, read_table, write_table
 from stages.layout import Layout
-from tests.conftest import need_shared, run_cli
+from tests.support import need_shared, run_cli
 
 
 def _gt() -> pd.DataFrame:

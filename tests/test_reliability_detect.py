@@ -32,7 +32,7 @@ from pipeline.scales import scale_set
 from pipeline.shards import read_table, shard_paths
 from stages.detect import run_detect
 from stages.layout import Layout
-from tests.conftest import ROOT, need_shared
+from tests.support import ROOT, need_shared
 
 DETECTOR, SCALES, SHARD = "slim", "original", (0, 8)
 DETECT_ARGS = ["detect", "--dataset", "w416", "--detector", DETECTOR, "--scales", SCALES,
@@ -93,10 +93,9 @@ def outputs(layout: Layout) -> tuple[Path, Path]:
 
 
 @pytest.fixture
-def reference(tmp_path, capsys, weights_dir, monkeypatch) -> bytes:
+def reference(tmp_path, capsys, weights_dir, monkeypatch, one_torch_thread) -> bytes:
     """The detections shard of an uninterrupted run (in this process), as bytes."""
     monkeypatch.setenv("CONFRANK_WEIGHTS", str(weights_dir))
-    torch.set_num_threads(1)
     layout = index_w416(tmp_path / "reference", capsys)
     path, computed = run_detect("w416", DETECTOR, SCALES, SHARD, layout, torch.device("cpu"), 4, workers=0)
     assert computed
@@ -180,12 +179,11 @@ def write_older_shard(path: Path) -> bytes:
     return path.read_bytes()
 
 
-def test_full_disk_during_shard_write_leaves_no_shard(tmp_path, capsys, weights_dir, monkeypatch):
+def test_full_disk_during_shard_write_leaves_no_shard(tmp_path, capsys, weights_dir, monkeypatch, one_torch_thread):
     """The kernel's own ENOSPC: the temporary file of the detections shard is /dev/full."""
     if not os.path.exists("/dev/full"):
         pytest.skip("/dev/full is not available")
     monkeypatch.setenv("CONFRANK_WEIGHTS", str(weights_dir))
-    torch.set_num_threads(1)
     layout = index_w416(tmp_path / "data", capsys)
     detections, latency = outputs(layout)
     real_mkstemp = tempfile.mkstemp
@@ -234,8 +232,7 @@ class OutOfMemoryAbove:
 
 
 @pytest.fixture
-def slim_and_images(weights_dir):
-    torch.set_num_threads(1)
+def slim_and_images(weights_dir, one_torch_thread):
     files = weights_cache.resolve(registry.get_info(DETECTOR).weights, weights_dir)
     detector = registry.build(DETECTOR, files, torch.device("cpu"))
     root = need_shared("widerface416", "WIDER_val", "images")

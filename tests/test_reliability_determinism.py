@@ -23,7 +23,7 @@ import torch
 
 from pipeline.cli import main
 from pipeline.shards import read_table
-from tests.conftest import ROOT, need_shared
+from tests.support import ROOT, need_shared
 from tests.test_reliability_inputs import copy_widerface
 
 #: files holding measured times, and the columns that are measured
@@ -78,9 +78,8 @@ def measured_column(rel: str) -> str | None:
                 None)
 
 
-def test_same_inputs_give_byte_identical_outputs(tmp_path, capsys, weights_dir, monkeypatch):
+def test_same_inputs_give_byte_identical_outputs(tmp_path, capsys, weights_dir, monkeypatch, one_torch_thread):
     monkeypatch.setenv("CONFRANK_WEIGHTS", str(weights_dir))
-    torch.set_num_threads(1)
     need_shared("widerface416")
     root, _ = copy_widerface(tmp_path / "ds", n=6)
     a = whole_chain(root, tmp_path / "a", capsys)
@@ -107,12 +106,12 @@ def test_same_inputs_give_byte_identical_outputs(tmp_path, capsys, weights_dir, 
 CHAIN = "import json, sys\nfrom pipeline.cli import main\nfor args in json.loads(sys.argv[1]):\n    main(args)\n"
 
 
-def test_oracle_nms_rerank_evaluate_are_identical_across_processes(tmp_path, capsys, weights_dir, monkeypatch):
+def test_oracle_nms_rerank_evaluate_are_identical_across_processes(tmp_path, capsys, weights_dir, monkeypatch,
+                                                                     one_torch_thread):
     """The CPU stages after detect, each chain in its own interpreter (another hash seed):
     oracle, nms single/oracle, rerank with a box-only and an image-branch (FPN) ranker, nms
     rank, evaluate. Detections and rankers are made once, in this process, and copied."""
     monkeypatch.setenv("CONFRANK_WEIGHTS", str(weights_dir))
-    torch.set_num_threads(1)
     root, _ = copy_widerface(tmp_path / "ds", n=4)
     data = tmp_path / "made" / "data"
     sel = ["--dataset", "x", "--detector", "slim", "--scales", "original"]

@@ -26,14 +26,12 @@ from pipeline.detectors import registry
 from pipeline.errors import FormatError
 from pipeline.shards import read_table
 from stages.layout import Layout
-from tests.conftest import ROOT, need_shared, run_cli
+from tests.support import ROOT, need_shared, run_cli
 
 DETECT = ["detect", "--dataset", "x", "--detector", "slim", "--device", "cpu", "--workers", "0"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def one_line_error(err: str) -> str:

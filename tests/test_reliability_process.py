@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from stages.layout import Layout
-from tests.conftest import ROOT, need_shared, run_cli
+from tests.support import ROOT, need_shared, run_cli
 
 #: ``python -c`` program: confrank's entry point, with the temporary file of every output
 #: named ``.NAME.*`` (NAME = argv[1]) replaced by /dev/full, so writing it meets the kernel's ENOSPC

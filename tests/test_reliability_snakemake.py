@@ -14,14 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from pipeline.cli import main
 from pipeline.shards import code_version, read_table
 from stages.layout import Layout
 from stages.run import snakemake_command
-from tests.conftest import ROOT, need_shared
+from tests.support import ROOT, need_shared
 
 SHARDS = 1
 #: a detect job that takes ~10 s on a 2-core CPU (6 images x 10 views up to 1700 px), so that
@@ -68,7 +67,6 @@ def by_hand(workdir: Path, weights: Path, capsys, monkeypatch) -> None:
     """The commands the rules run (same rule names in the provenance), uninterrupted."""
     monkeypatch.chdir(workdir)
     monkeypatch.setenv("CONFRANK_WEIGHTS", str(weights))
-    torch.set_num_threads(1)
     steps = [("index", ["index", "--name", "w416", "--root", str(need_shared("widerface416"))]),
              ("index", ["subset", "--parent", "w416", "--name", DATASET, "--max-images", str(IMAGES)])]
     steps += [("detect_shard", ["detect", "--dataset", DATASET, "--detector", "slim", "--scales", SCALES,
@@ -82,7 +80,8 @@ def by_hand(workdir: Path, weights: Path, capsys, monkeypatch) -> None:
     capsys.readouterr()
 
 
-def test_killed_snakemake_run_completes_with_rerun_incomplete(tmp_path, weights_dir, capsys, monkeypatch):
+def test_killed_snakemake_run_completes_with_rerun_incomplete(tmp_path, weights_dir, capsys, monkeypatch,
+                                                             one_torch_thread):
     killed, manual = tmp_path / "killed", tmp_path / "manual"
     for folder in (killed, manual):
         folder.mkdir()

@@ -19,7 +19,7 @@ import torch
 
 from pipeline.cli import main
 from stages.layout import Layout
-from tests.conftest import ROOT
+from tests.support import ROOT
 from tests.test_ranker_train import make_dataset
 
 ITERATIONS, EVERY = 6, 2
@@ -110,16 +110,11 @@ def checkpoint_step(path: Path) -> int:
 
 
 @pytest.fixture
-def reference(tmp_path, capsys) -> Layout:
+def reference(tmp_path, capsys, one_torch_thread) -> Layout:
     """An uninterrupted run, in this process (one thread, as the children)."""
     layout = Layout(tmp_path / "reference")
     make_dataset(tmp_path / "raw-reference", layout)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        main(train_args(layout.root))
-    finally:
-        torch.set_num_threads(threads)
+    main(train_args(layout.root))
     assert f"{ITERATIONS} steps" in capsys.readouterr().out
     return layout
 

@@ -18,7 +18,7 @@ from pipeline.widerface import (
     parse_retinaface_labels,
     parse_split_txt,
 )
-from tests.conftest import need_shared
+from tests.support import need_shared
 
 
 def test_image_id_of():

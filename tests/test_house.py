@@ -1,0 +1,40 @@
+"""The house rules, checked by scanning the source (ast): what imports what."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from tests.support import ROOT
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module name an import statement of ``path`` names (``from a import b`` gives a and a.b)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def calls_named(path: Path, name: str) -> list[int]:
+    """Line numbers of calls to an attribute or function called ``name``."""
+    return [node.lineno for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == name]
+
+
+def test_no_test_module_imports_conftest():
+    offenders = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "tests").glob("*.py"))
+                 if any(m == "tests.conftest" or m.startswith("tests.conftest.") or m == "conftest"
+                        for m in imported_modules(p))]
+    assert offenders == []
+
+
+def test_torch_threads_are_set_in_one_place():
+    """The one_torch_thread fixture (tests.support.one_thread) is the only place tests set torch threads."""
+    offenders = {str(p.relative_to(ROOT)): lines for p in sorted((ROOT / "tests").glob("*.py"))
+                 if p.name != "support.py" and (lines := calls_named(p, "set_num_threads"))}
+    assert offenders == {}
