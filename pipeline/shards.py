@@ -250,14 +250,21 @@ def provenance(
     return record
 
 
+#: the top folders of a data folder (``stages.layout.Layout``)
+DATA_TOPS = ("raw", "interim", "processed")
+
+
 def _display(path: str | Path) -> str:
-    """A path's name in provenance: relative to the working folder when under it, else its
-    last five components (enough to keep ``.../detector=A/scales=S/part-0.parquet`` and
-    ``.../detector=B/scales=S/part-0.parquet`` apart, and free of where the data folder is)."""
+    """A path's name in provenance: relative to the working folder when under it; else, for a
+    file of a data folder, from its ``raw`` / ``interim`` / ``processed`` folder on (so that
+    ``.../detector=A/.../part-0.parquet`` and ``.../detector=B/.../part-0.parquet`` stay apart,
+    whatever the data folder is called); else its file name."""
     p = Path(path)
     with contextlib.suppress(ValueError):
         return str(p.resolve().relative_to(Path.cwd().resolve()))
-    return str(Path(*p.resolve().parts[-5:]))
+    parts = p.resolve().parts
+    tops = [i for i, part in enumerate(parts[:-1]) if part in DATA_TOPS]
+    return str(Path(*parts[tops[-1]:])) if tops else p.name
 
 
 # ----------------------------------------------------------------------------- atomic I/O
