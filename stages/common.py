@@ -1,4 +1,5 @@
-"""Helpers shared by several stages: method names, sort orders, the gt table, dask mapping.
+"""Helpers shared by several stages: method names, sort orders, the gt table, dask mapping,
+and the workflow's files (Snakefile, config and its schema) with the snakemake command line.
 
 This module imports no torch (nor a stage that does), so the light commands (``index``,
 ``import``, ``export``, ``evaluate``, ``inspect``, ``report``) start without paying for it;
@@ -7,17 +8,24 @@ This module imports no torch (nor a stage that does), so the light commands (``i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import click
 import pandas as pd
+import yaml
 
+from pipeline.config import validate_config
 from pipeline.errors import ConfrankError, MissingInputError
 from pipeline.shards import read_table, shard_paths
 from stages.layout import Layout
 
+ROOT = Path(__file__).resolve().parent.parent
+SNAKEFILE = ROOT / "Snakefile"
+SCHEMA = ROOT / "config" / "config.schema.yaml"
+DEFAULT_CONFIG = ROOT / "config" / "config.yaml"
 SCHEDULERS = ("threads", "processes", "synchronous")
 #: row order of detection shards and of final boxes: by image, best score first
 DETECTION_SORT = [("image_id", "ascending"), ("score", "descending")]
@@ -82,3 +90,27 @@ def parse_names(text: str) -> list[str]:
     if not items:
         raise click.BadParameter("expected a comma-separated list of names")
     return items
+
+
+# ----------------------------------------------------------------------------- the workflow
+
+
+def load_schema() -> dict[str, Any]:
+    """The config JSON schema shipped with the code."""
+    return yaml.safe_load(SCHEMA.read_text())
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read and validate a YAML config file; defaults filled in."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingInputError(f"{path}: config file not found")
+    config = yaml.safe_load(path.read_text()) or {}
+    return validate_config(config, load_schema(), source=str(path))
+
+
+def snakemake_command(args: Iterable[str]) -> list[str]:
+    """The ``snakemake`` command line for ``args``, using this repository's Snakefile."""
+    exe = Path(sys.executable).with_name("snakemake")
+    base = [str(exe)] if exe.is_file() else [sys.executable, "-m", "snakemake"]
+    return [*base, "--snakefile", str(SNAKEFILE), *args]

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from pipeline.shards import write_text_atomic
 from stages.layout import Layout
-from stages.run import ROOT, snakemake_command
+from stages.common import ROOT, snakemake_command
 
 SHARED_DETECTORS = ["retinaface-mnet025", "slim", "rfb"]
 #: images of the 8K subset: each costs ~10 s per detector on a 2-core CPU
@@ -174,7 +174,7 @@ def cli(snakemake_args: tuple[str, ...]) -> None:
     if code != 0:
         click.echo(f"demo failed after {minutes:.1f} min; see {layout.root / 'demo' / 'snakemake.log'} and logs/", err=True)
         sys.exit(code)
-    report = layout.report_dir() / "report.html"
+    report = layout.report_files().html
     click.echo(f"demo finished in {minutes:.1f} min; report: {report} (markdown: {report.with_suffix('.md')})")
 
 

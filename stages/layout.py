@@ -1,6 +1,7 @@
 """Where every stage reads and writes under the data folder (the only place paths are built).
 
 ```
+DATA/raw/{dataset}/ (datasets built here: the embedded demo dataset)
 DATA/interim/index/{dataset}/images.parquet, gt.parquet
 DATA/interim/detections/dataset={d}/detector={det}/scales={set}/part-{k}.parquet
 DATA/interim/latency/dataset={d}/detector={det}/scales={set}/part-{k}.parquet
@@ -11,9 +12,12 @@ DATA/processed/rankers/{ranker}/model.pt, train_log.parquet, loss.png, checkpoin
 DATA/processed/final/{dataset}/{detector}/{scales}/{method}.parquet
 DATA/processed/metrics/{dataset}/{detector}/{scales}/{method}.json, {method}.pr.parquet, {method}.png
 DATA/processed/cv/{cv}/{variant}/deltas.parquet, fold-{k}/ (that fold's ranker); {cv}/deltas.parquet, summary.md
+DATA/processed/benchmarks/nms/{dataset}/{detector}/{scales}/{method}.tsv (snakemake benchmark files)
+DATA/processed/benchmarks/rerank/{ranker}/{dataset}/{detector}/{scales}.tsv
 DATA/processed/report/report.html, report.md, figures/
 ```
-``method`` is ``single``, ``multi``, ``oracle``, ``imported`` or ``rank-{ranker}``.
+``method`` is ``single``, ``multi``, ``oracle``, ``ensemble``, ``imported`` or ``rank-{ranker}``.
+The Snakefile's rules take their paths from here too (``rules/common.smk``).
 """
 
 from __future__ import annotations
@@ -21,10 +25,19 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import click
 
 DATA_DIR_ENV = "CONFRANK_DATA_DIR"
+
+
+class ReportFiles(NamedTuple):
+    """The files ``confrank report`` writes into one folder."""
+
+    html: Path
+    md: Path
+    figures: Path
 
 
 @dataclass(frozen=True)
@@ -36,6 +49,10 @@ class Layout:
     @classmethod
     def from_env(cls, data_dir: str | Path | None = None) -> "Layout":
         return cls(Path(data_dir or os.environ.get(DATA_DIR_ENV, "data")))
+
+    # datasets built under the data folder
+    def raw(self, dataset: str) -> Path:
+        return self.root / "raw" / dataset
 
     # index
     def index_dir(self, dataset: str) -> Path:
@@ -57,8 +74,11 @@ class Layout:
     def detections(self, dataset: str, detector: str, scales: str, shard: int) -> Path:
         return self.detections_dir(dataset, detector, scales) / f"part-{shard}.parquet"
 
+    def latency_dir(self, dataset: str, detector: str, scales: str) -> Path:
+        return self._shard_dir("latency", dataset, detector, scales)
+
     def latency(self, dataset: str, detector: str, scales: str, shard: int) -> Path:
-        return self._shard_dir("latency", dataset, detector, scales) / f"part-{shard}.parquet"
+        return self.latency_dir(dataset, detector, scales) / f"part-{shard}.parquet"
 
     def oracle_dir(self, dataset: str, detector: str, scales: str) -> Path:
         return self._shard_dir("oracle", dataset, detector, scales)
@@ -79,18 +99,27 @@ class Layout:
         return self.reranked_dir(ranker, dataset, detector, scales) / f"part-{shard}.parquet"
 
     # ranker
+    def rankers_dir(self) -> Path:
+        return self.root / "processed" / "rankers"
+
     def ranker_dir(self, ranker: str) -> Path:
-        return self.root / "processed" / "rankers" / ranker
+        return self.rankers_dir() / ranker
 
     def ranker_model(self, ranker: str) -> Path:
         return self.ranker_dir(ranker) / "model.pt"
+
+    def train_log(self, ranker: str) -> Path:
+        return self.ranker_dir(ranker) / "train_log.parquet"
 
     # results
     def final(self, dataset: str, detector: str, scales: str, method: str) -> Path:
         return self.root / "processed" / "final" / dataset / detector / scales / f"{method}.parquet"
 
+    def metrics_dir(self) -> Path:
+        return self.root / "processed" / "metrics"
+
     def metrics(self, dataset: str, detector: str, scales: str, method: str) -> Path:
-        return self.root / "processed" / "metrics" / dataset / detector / scales / f"{method}.json"
+        return self.metrics_dir() / dataset / detector / scales / f"{method}.json"
 
     def pr_curves(self, dataset: str, detector: str, scales: str, method: str) -> Path:
         return self.metrics(dataset, detector, scales, method).with_suffix(".pr.parquet")
@@ -98,9 +127,19 @@ class Layout:
     def pr_plot(self, dataset: str, detector: str, scales: str, method: str) -> Path:
         return self.metrics(dataset, detector, scales, method).with_suffix(".png")
 
+    # snakemake benchmark files (wall time of a job), read by the report
+    def nms_benchmark(self, dataset: str, detector: str, scales: str, method: str) -> Path:
+        return self.root / "processed" / "benchmarks" / "nms" / dataset / detector / scales / f"{method}.tsv"
+
+    def rerank_benchmark(self, ranker: str, dataset: str, detector: str, scales: str) -> Path:
+        return self.root / "processed" / "benchmarks" / "rerank" / ranker / dataset / detector / f"{scales}.tsv"
+
     # cross-validation experiments (confrank cv)
+    def cv_root(self) -> Path:
+        return self.root / "processed" / "cv"
+
     def cv_dir(self, cv: str) -> Path:
-        return self.root / "processed" / "cv" / cv
+        return self.cv_root() / cv
 
     def cv_variant_dir(self, cv: str, variant: str) -> Path:
         return self.cv_dir(cv) / variant
@@ -114,6 +153,11 @@ class Layout:
 
     def report_dir(self) -> Path:
         return self.root / "processed" / "report"
+
+    def report_files(self, out: Path | None = None) -> ReportFiles:
+        """The report's files in ``out`` (``confrank report --out``), by default :meth:`report_dir`."""
+        folder = self.report_dir() if out is None else Path(out)
+        return ReportFiles(folder / "report.html", folder / "report.md", folder / "figures")
 
 
 def data_dir_option(func):

@@ -51,7 +51,7 @@ def _parse_setting(ctx: click.Context, param: click.Parameter, value: str | None
 
 def read_metrics(layout: Layout) -> list[dict[str, Any]]:
     """Every metrics JSON under the data folder, sorted by path."""
-    root = layout.root / "processed" / "metrics"
+    root = layout.metrics_dir()
     records = []
     for path in sorted(root.rglob("*.json")):
         rec = json.loads(path.read_text())
@@ -68,25 +68,18 @@ def _benchmark_s(path: Path) -> float:
 
 def read_timings(layout: Layout, metrics: pd.DataFrame) -> pd.DataFrame:
     """detect_ms (latency side tables) and post_ms (rerank + nms job wall time) per image."""
-    bench = layout.root / "processed" / "benchmarks"
     rows = []
     for r in metrics.itertuples(index=False):
-        lat_dir = layout.latency(r.dataset, r.detector, r.scales, 0).parent
-        parts = shard_paths(lat_dir)
+        parts = shard_paths(layout.latency_dir(r.dataset, r.detector, r.scales))
         detect_ms = rp.latency_ms(read_tables(parts, "latency")) if parts else float("nan")
-        post_s = _benchmark_s(bench / "nms" / r.dataset / r.detector / r.scales / f"{r.method}.tsv")
+        post_s = _benchmark_s(layout.nms_benchmark(r.dataset, r.detector, r.scales, r.method))
         if r.method.startswith("rank-"):
             ranker = r.method[len("rank-"):]
-            post_s += _benchmark_s(bench / "rerank" / ranker / r.dataset / r.detector / f"{r.scales}.tsv")
+            post_s += _benchmark_s(layout.rerank_benchmark(ranker, r.dataset, r.detector, r.scales))
         n = r.n_images or np.nan
         rows.append({"dataset": r.dataset, "detector": r.detector, "scales": r.scales, "method": r.method,
                      "detect_ms": detect_ms, "post_ms": 1000 * post_s / n})
     return pd.DataFrame(rows, columns=["dataset", "detector", "scales", "method", "detect_ms", "post_ms"])
-
-
-def cv_root(layout: Layout) -> Path:
-    """``DATA/processed/cv``: one folder per cross-validation experiment with ``deltas.parquet``."""
-    return layout.root / "processed" / "cv"
 
 
 def read_cv_deltas(layout: Layout) -> dict[str, pd.DataFrame]:
@@ -96,7 +89,7 @@ def read_cv_deltas(layout: Layout) -> dict[str, pd.DataFrame]:
     easy, medium, hard, all); a file that does not fails with its path and what is missing.
     """
     out = {}
-    for path in sorted(cv_root(layout).glob("*/deltas.parquet")):
+    for path in sorted(layout.cv_root().glob("*/deltas.parquet")):
         try:
             frame = pd.read_parquet(path)
         except (OSError, ValueError) as exc:
@@ -263,8 +256,7 @@ def cv_figures(summaries: Mapping[str, pd.DataFrame], figs: Figures) -> None:
 
 def loss_figures(layout: Layout, figs: Figures) -> None:
     logs, paths = {}, []
-    root = layout.root / "processed" / "rankers"
-    for path in sorted(root.glob("*/train_log.parquet")):
+    for path in sorted(layout.rankers_dir().glob(f"*/{layout.train_log('*').name}")):
         logs[path.parent.name] = read_table(path, "train_log")
         paths.append(path)
     if logs:
@@ -313,7 +305,7 @@ def build_sections(layout: Layout, settings: Mapping[str, Any], figs: Figures) -
     """The page's sections in order (figures saved into ``figs``) and a summary of the settings used."""
     records = read_metrics(layout)
     if not records:
-        raise MissingInputError(f"{layout.root / 'processed' / 'metrics'}: no metrics; run `confrank evaluate` first")
+        raise MissingInputError(f"{layout.metrics_dir()}: no metrics; run `confrank evaluate` first")
     metrics = rp.metrics_frame(records)
     timings = read_timings(layout, metrics)
     expected = [tuple(e) for e in settings.get("expected", [])]
@@ -399,12 +391,12 @@ def render(sections: list[Section], used: Mapping[str, str], figs: Figures, foot
 def cli(out: Path | None, settings: dict[str, Any], data_dir: Path) -> None:
     """Paper-style tables and figures (HTML + markdown) from every result under the data folder."""
     layout = Layout(data_dir)
-    out = out or layout.report_dir()
-    figs = Figures(out / "figures", layout)
+    files = layout.report_files(out)
+    figs = Figures(files.figures, layout)
     sections, used = build_sections(layout, settings, figs)
     footer = {"rule": os.environ.get("CONFRANK_RULE") or "(run by hand)",
               "workflow config hash": settings.get("config_hash") or config_hash(settings),
               "code version": code_version()}
-    write_text_atomic(out / "report.html", render(sections, used, figs, footer, "html"))
-    write_text_atomic(out / "report.md", render(sections, used, figs, footer, "md"))
-    click.echo(f"report: {len(sections[0].table)} results, {len(figs.items)} figures -> {out / 'report.html'}")
+    write_text_atomic(files.html, render(sections, used, figs, footer, "html"))
+    write_text_atomic(files.md, render(sections, used, figs, footer, "md"))
+    click.echo(f"report: {len(sections[0].table)} results, {len(figs.items)} figures -> {files.html}")

@@ -10,7 +10,7 @@ from snakemake.utils import update_config
 
 from pipeline.config import (ConfigError, Result, cv_jobs, detection_sets, expand, feature_sets, used_rankers,
                              validate_config)
-from stages.run import DEFAULT_CONFIG, ROOT, load_config, load_schema
+from stages.common import DEFAULT_CONFIG, ROOT, load_config, load_schema
 
 SCHEMA = load_schema()
 

@@ -22,7 +22,7 @@ import yaml
 from pipeline.provenance import code_hash, module_closure
 from pipeline.shards import path_keys, read_metadata
 from stages.layout import Layout
-from stages.run import ROOT, snakemake_command
+from stages.common import ROOT, snakemake_command
 from tests.test_table_trees import assert_tree_opens_everywhere
 
 pytestmark = pytest.mark.xdist_group("dag")
@@ -87,9 +87,9 @@ def materialise(workdir: Path, code: Path = ROOT) -> None:
 
 
 def copy_code(dest: Path) -> Path:
-    """A copy of the Snakefile, config, profiles and the .py files of pipeline/ and stages/."""
+    """A copy of the Snakefile, rules, envs, config, profiles and the .py files of pipeline/ and stages/."""
     dest.mkdir(parents=True)
-    for item in ("Snakefile", "config", "profiles"):
+    for item in ("Snakefile", "rules", "envs", "config", "profiles"):
         src = ROOT / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / item)
     for package in ("pipeline", "stages"):
@@ -126,10 +126,10 @@ def test_ranker_setting_reruns_train_and_downstream_never_detect(touched):
     write_config(touched, config)
     jobs = planned_jobs(snakemake(touched, "-n", code=code))
     rules = sorted({j["rule"] for j in jobs})
-    assert rules == ["all", "evaluate_method", "nms_rank", "report", "rerank", "train_ranker"]
-    (train,) = [j for j in jobs if j["rule"] == "train_ranker"]
+    assert rules == ["all", "evaluate", "nms", "report", "rerank", "train"]
+    (train,) = [j for j in jobs if j["rule"] == "train"]
     assert "Params have changed" in train["reason"]
-    evaluated = sorted(j["wildcards"] for j in jobs if j["rule"] == "evaluate_method")
+    evaluated = sorted(j["wildcards"] for j in jobs if j["rule"] == "evaluate")
     assert evaluated == [f"dataset=sample, detector={d}, scales=original, method=rank-small" for d in ("mtcnn", "slim")]
 
 
@@ -140,10 +140,10 @@ def test_scale_set_change_reruns_only_that_detectors_branch(touched):
     write_config(touched, config)
     jobs = planned_jobs(snakemake(touched, "-n", code=code))
     branch = [j for j in jobs if j["rule"] not in ("all", "report")]
-    assert {j["rule"] for j in branch} == {"detect_shard", "oracle", "rerank", "nms", "nms_rank", "evaluate_method"}
+    assert {j["rule"] for j in branch} == {"detect", "oracle", "rerank", "nms", "evaluate"}
     for job in branch:
         assert "detector=slim" in job["wildcards"] and "scales=8k" in job["wildcards"], job
-    assert "train_ranker" not in {j["rule"] for j in jobs}
+    assert "train" not in {j["rule"] for j in jobs}
 
 
 def test_stage_code_change_reruns_its_rule_only(touched):
@@ -152,8 +152,8 @@ def test_stage_code_change_reruns_its_rule_only(touched):
     nms.write_text((nms.read_text() if nms.is_file() else "") + "\n# a change to the NMS stage\n")
     jobs = planned_jobs(snakemake(work, "-n", code=code))
     rules = {j["rule"] for j in jobs}
-    assert rules == {"nms", "nms_rank", "evaluate_method", "report", "all"}
-    assert all("Params have changed" in j["reason"] for j in jobs if j["rule"] in ("nms", "nms_rank"))
+    assert rules == {"nms", "evaluate", "report", "all"}
+    assert all("Params have changed" in j["reason"] for j in jobs if j["rule"] == "nms")
 
 
 def test_module_closure_follows_imports_and_registry_strings(tmp_path: Path):
@@ -184,11 +184,11 @@ def test_slurm_profile_plans_gpu_and_cpu_jobs(tmp_path: Path):
     out = snakemake(tmp_path, "--profile", str(ROOT / "profiles" / "slurm"), "--workflow-profile", "none",
                     "--executor", "slurm", "-n", "--cores", "64")
     jobs = {j["rule"]: j for j in planned_jobs(out)}
-    detect = jobs["detect_shard"]
+    detect = jobs["detect"]
     assert "gpu=1" in detect["resources"] and "slurm_partition=gpu" in detect["resources"]
     assert "runtime=240" in detect["resources"] and detect["threads"] == "8"
-    assert "gpu=1" in jobs["train_ranker"]["resources"]
-    for cpu_rule in ("oracle", "nms", "evaluate_method"):
+    assert "gpu=1" in jobs["train"]["resources"]
+    for cpu_rule in ("oracle", "nms", "evaluate"):
         assert "slurm_partition=cpu" in jobs[cpu_rule]["resources"] and "gpu" not in jobs[cpu_rule]["resources"]
         assert jobs[cpu_rule]["threads"] == "8"
 
@@ -203,7 +203,7 @@ def assert_by_hand_detect_skips(data: Path) -> None:
     assert shards
     for path in shards:
         keys, meta = path_keys(path), read_metadata(path)
-        assert meta["code"] == code_hash("stages.detect") and meta["rule"] == "detect_shard"
+        assert meta["code"] == code_hash("stages.detect") and meta["rule"] == "detect"
         shard = (meta["config"]["shard"], meta["config"]["n_shards"])
         _, computed = run_detect(keys["dataset"], keys["detector"], keys["scales"], shard, Layout(data),
                                  pick_device(None), workers=0)
@@ -235,6 +235,6 @@ def test_tiny_dag_end_to_end(tmp_path: Path):
     out = snakemake(tmp_path, "--cores", "2", check=False)
     assert "steps (100%) done" in out, out[-4000:]
     ran = {job["rule"] for job in planned_jobs(out)}
-    assert {"train_ranker", "rerank", "nms_rank", "report"} <= ran and not ran & {"sample", "index", "detect_shard", "oracle"}
+    assert {"train", "rerank", "nms", "report"} <= ran and not ran & {"sample", "index", "subset", "detect", "oracle"}
     log = pd.read_parquet(tmp_path / "data" / "processed" / "rankers" / "small" / "train_log.parquet")
     assert log.step.max() == config["rankers"]["small"]["iterations"]

@@ -93,7 +93,7 @@ def test_skip_does_not_depend_on_how_or_where_it_was_run(tmp_path, shared, monke
 
     layout, _, _ = make_dataset(tmp_path, shared, n=1)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("CONFRANK_RULE", "detect_shard")
+    monkeypatch.setenv("CONFRANK_RULE", "detect")
     path, computed = run_detect("tiny", DETECTOR, "original", (0, 1), layout, torch.device("cpu"), workers=0)
     assert computed and read_metadata(path)["inputs"].keys() == {"data/interim/index/tiny/images.parquet"}
     mtime = path.stat().st_mtime_ns

@@ -19,7 +19,7 @@ import yaml
 from pipeline.cli import main
 from pipeline.shards import code_version, read_table
 from stages.layout import Layout
-from stages.run import snakemake_command
+from stages.common import snakemake_command
 from tests.support import ROOT, need_shared
 
 SHARDS = 1
@@ -68,8 +68,8 @@ def by_hand(workdir: Path, weights: Path, capsys, monkeypatch) -> None:
     monkeypatch.chdir(workdir)
     monkeypatch.setenv("CONFRANK_WEIGHTS", str(weights))
     steps = [("index", ["index", "--name", "w416", "--root", str(need_shared("widerface416"))]),
-             ("index", ["subset", "--parent", "w416", "--name", DATASET, "--max-images", str(IMAGES)])]
-    steps += [("detect_shard", ["detect", "--dataset", DATASET, "--detector", "slim", "--scales", SCALES,
+             ("subset", ["subset", "--parent", "w416", "--name", DATASET, "--max-images", str(IMAGES)])]
+    steps += [("detect", ["detect", "--dataset", DATASET, "--detector", "slim", "--scales", SCALES,
                                 "--shard", f"{k}/{SHARDS}", "--device", "cpu"]) for k in range(SHARDS)]
     for rule, args in steps:
         monkeypatch.setenv("CONFRANK_RULE", rule)

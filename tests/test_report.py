@@ -16,7 +16,7 @@ from pipeline import report as rp
 from pipeline.errors import FormatError
 from pipeline.shards import write_table
 from stages.layout import Layout
-from stages.report import cli, cv_root
+from stages.report import cli
 
 
 def record(method: str, scales: str, easy: float, medium: float, hard: float, **extra) -> dict:
@@ -76,7 +76,7 @@ def test_markdown_and_html_rendering():
 def test_report_command_on_partial_results(tmp_path: Path):
     layout = Layout(tmp_path)
     rec = record("single", "original", 0.8, 0.7, 0.4, ap_50_95={"easy": 0.5, "medium": 0.4, "hard": 0.2},
-                 provenance={"rule": "evaluate_method", "stage": "evaluate", "config_hash": "abc123", "code_version": "0.1.0+x"})
+                 provenance={"rule": "evaluate", "stage": "evaluate", "config_hash": "abc123", "code_version": "0.1.0+x"})
     path = layout.metrics("d", "slim", "original", "single")
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps(rec))
@@ -95,7 +95,7 @@ def test_report_command_on_partial_results(tmp_path: Path):
     assert "| d | slim | single | original | 80.0 | 70.0 | 40.0 | 50.0 | 40.0 | 20.0 | 40.0 | 13 | — | 13 |" in md
     assert "| d | slim | rank-r | original | — | — | — | — | — | — | — | — | — | — |" in md
     assert "**keep_singletons (box voting)**: False" in md and "**score transform**: none" in md
-    assert "| d/slim/original/single | evaluate_method | evaluate | abc123 | 0.1.0+x |" in md
+    assert "| d/slim/original/single | evaluate | evaluate | abc123 | 0.1.0+x |" in md
     assert "workflow config hash: feed" in md
     assert (out / "figures" / "pr_d_slim.png").stat().st_size > 1000
     page = (out / "report.html").read_text()
@@ -190,7 +190,7 @@ def test_report_with_cv_deltas_examples_and_attributes(tmp_path: Path):
     layout = Layout(tmp_path)
     for method, blur in (("single", {"0": 0.7}), ("rank-r", {"0": 0.8})):
         write_result(layout, method, attr_record(method, blur))
-    deltas = cv_root(layout) / "cv3" / "deltas.parquet"
+    deltas = layout.cv_deltas("cv3")
     deltas.parent.mkdir(parents=True)
     synthetic_deltas().to_parquet(deltas)
     image = tmp_path / "img.png"
@@ -222,7 +222,7 @@ def test_report_with_cv_deltas_examples_and_attributes(tmp_path: Path):
 def test_cv_deltas_without_a_contract_column_fail_with_the_file(tmp_path: Path):
     layout = Layout(tmp_path)
     write_result(layout, "single", record("single", "original", 0.9, 0.8, 0.5))
-    deltas = cv_root(layout) / "cv3" / "deltas.parquet"
+    deltas = layout.cv_deltas("cv3")
     deltas.parent.mkdir(parents=True)
     synthetic_deltas().drop(columns="delta").to_parquet(deltas)
     result = CliRunner().invoke(cli, ["--out", str(tmp_path / "report"), "--data-dir", str(tmp_path)])

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.run import ROOT
+from stages.common import ROOT
 from tests.test_dag import snakemake
 from tests.test_report import synthetic_deltas
 

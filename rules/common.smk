@@ -1,0 +1,223 @@
+"""Helpers of the rules: the Layout paths with wildcards, the config's derived values, options.
+
+Every path under the data folder comes from stages.layout.Layout (through ``T``); every rule
+shells its stage's ``confrank`` command and declares the hash of that stage's code as a param
+(pipeline.provenance.code_hash), so a change of the code reruns the rule.
+"""
+
+import json
+import re
+import shlex
+import sys
+from pathlib import Path
+
+from pipeline.config import (
+    SCALE_SETS,
+    detection_sets,
+    expand as expand_results,
+    is_gbm,
+    ranker_args,
+    resolve_ranker,
+    used_rankers,
+)
+from pipeline.detectors.registry import DETECTORS
+from pipeline.provenance import code_hash
+from pipeline.shards import config_hash
+from stages.layout import Layout
+
+L = Layout.from_env(config["data_dir"])
+DATASETS = config["datasets"]
+RANKERS = config["rankers"]
+CV = config["cv"]
+EVIDENCE = ",".join(config["evidence"])
+POST = config["postprocess"]
+RESULTS = expand_results(config)
+CONFIG_HASH = config_hash(config)
+
+_exe = Path(sys.executable).with_name("confrank")
+PYTHON = shlex.quote(sys.executable)
+CONFRANK = shlex.quote(str(_exe)) if _exe.is_file() else f"{PYTHON} -m pipeline.cli"
+
+SOFTWARE = "../envs/confrank.yaml"  # the rules' `conda:` (relative to rules/)
+
+
+def confrank(rule_name, args, env="", device=False):
+    """A rule's shell command: ``confrank ARGS`` (with ``--device`` from the config when
+    ``device``), its output to the rule's log, the rule name (it goes into the outputs'
+    provenance, pipeline.shards) and the data folder in its environment, ``env`` before it.
+    The config hash is not exported: it would make every job rerun on any config change."""
+    data_dir = shlex.quote(str(L.root))
+    device_flag = f" {DEVICE}" if device and DEVICE else ""
+    return f"export CONFRANK_RULE={rule_name} CONFRANK_DATA_DIR={data_dir}; {env}{CONFRANK} {args}{device_flag} > {{log}} 2>&1"
+
+
+# only detect reads weights; a `weights` param reruns it when the folder changes
+WEIGHTS_ENV = "" if config["weights_dir"] is None else f"CONFRANK_WEIGHTS={shlex.quote(config['weights_dir'])} "
+DEVICE = "" if config["device"] == "auto" else f"--device {config['device']}"
+DASK = "" if config["dask_scheduler"] is None else f"--dask-scheduler {shlex.quote(config['dask_scheduler'])}"
+
+
+def _alt(names):
+    return "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+
+
+def _sources(kind):
+    """Names of the datasets whose ``source`` is ``kind`` (never matches when there are none)."""
+    names = [name for name, ds in DATASETS.items() if ds["source"] == kind]
+    return _alt(names) if names else "(?!)"
+
+
+wildcard_constraints:
+    dataset=_alt(DATASETS),
+    detector=_alt(DETECTORS),
+    scales=_alt(SCALE_SETS),
+    ranker=_alt(RANKERS) if RANKERS else "(?!)",
+    cv=_alt(CV) if CV else "(?!)",
+    variant=r"[^/]+",
+    shard=r"\d+",
+
+
+def T(method, *args):
+    """A Layout path with snakemake wildcards, e.g. T("final", "{dataset}", ...)."""
+    return str(getattr(L, method)(*args))
+
+
+def detection_shards(ds, det, sset):
+    return [T("detections", ds, det, sset, k) for k in range(DATASETS[ds]["shards"])]
+
+
+def metrics_files(results):
+    return [T("metrics", *r) for r in results]
+
+
+def flag(name, value):
+    """A command-line option string, empty when ``value`` is None."""
+    return "" if value is None else f"--{name} {shlex.quote(str(value))}"
+
+
+def ranker_data(r):
+    """The Layout folder kind a ranker (or cv variant) trains on: features for a feature ranker."""
+    return "features_dir" if is_gbm(r) else "oracle_dir"
+
+
+def settings_flags(r):
+    """The ranker settings of a ranker (or cv variant) as ``confrank train``/``cv run`` options."""
+    flags = []
+    for key, value in ranker_args(r).items():
+        if key == "evidence":  # the one evidence set of the features shards, below
+            continue
+        option = key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(f"--{option}" if value else f"--no-{option}")
+        else:
+            flags.append(flag(option, ",".join(value) if isinstance(value, list) else value))
+    if is_gbm(r):
+        flags.append(flag("evidence", EVIDENCE))
+    return flags
+
+
+# ------------------------------------------------------------------------------ rules/data.smk
+
+
+def index_input(wc):
+    """The built demo dataset for ``source: sample``; nothing for a folder outside the data folder."""
+    return [T("raw", wc.dataset)] if DATASETS[wc.dataset]["source"] == "sample" else []
+
+
+def index_root(wc):
+    ds = DATASETS[wc.dataset]
+    return T("raw", wc.dataset) if ds["source"] == "sample" else ds["root"]
+
+
+# ------------------------------------------------------------------------------ rules/ranker.smk
+
+
+def evidence_dirs(ds, det, sset):
+    """Oracle shards of the other evidence detectors: what a features job reads besides its own."""
+    return [T("oracle_dir", ds, e, sset) for e in config["evidence"] if e != det]
+
+
+def train_input(wc):
+    r = RANKERS[wc.ranker]
+    kind = ranker_data(r)
+    return [T(kind, ds, det, r["scales"]) for ds in r["datasets"] for det in r["detectors"]]
+
+
+def train_args(wc):
+    r = RANKERS[wc.ranker]
+    fixed = [
+        flag("datasets", ",".join(r["datasets"])),
+        flag("detectors", ",".join(r["detectors"])),
+        flag("scales", r["scales"]),
+    ]
+    return " ".join(fixed + settings_flags(r))
+
+
+def rerank_features(wc):
+    """The features shards a feature (gbm) ranker re-scores; none for the other rankers."""
+    if is_gbm(RANKERS[wc.ranker]):
+        return [T("features_dir", wc.dataset, wc.detector, wc.scales)]
+    return []
+
+
+def cv_input(wc):
+    cv, v = CV[wc.cv], CV[wc.cv]["variants"][wc.variant]
+    dets = list(dict.fromkeys(v.get("detectors") or cv["detectors"])) + list(v.get("train_detectors") or [])
+    kind = ranker_data(v)
+    shards = [T(kind, ds, det, cv["scales"]) for ds in cv["datasets"] for det in dict.fromkeys(dets)]
+    return shards + [T("images", ds) for ds in cv["datasets"]]
+
+
+def cv_args(wc):
+    cv, v = CV[wc.cv], CV[wc.cv]["variants"][wc.variant]
+    dets = v.get("detectors") or cv["detectors"]
+    train_dets = ",".join(v["train_detectors"]) if v.get("train_detectors") else None
+    fixed = [
+        flag("pool", ",".join(cv["datasets"])),
+        flag("detectors", ",".join(dets)),
+        flag("scales", cv["scales"]),
+        flag("folds", cv["folds"]),
+        flag("train-detectors", train_dets),
+    ]
+    return " ".join(fixed + settings_flags({k: x for k, x in v.items() if k != "detectors"}))
+
+
+# ------------------------------------------------------------------------------ rules/postprocess.smk
+
+NMS_ARGS = " ".join(
+    [
+        flag("iou", POST["iou"]),
+        flag("keep", POST["keep"]),
+        "--keep-singletons" if POST["keep_singletons"] else "--drop-singletons",
+    ]
+)
+
+
+def nms_input(wc):
+    """The shards a method reads: features (ensemble), re-ranked (rank-R), oracle, detections."""
+    if wc.method == "ensemble":
+        return [T("features_dir", wc.dataset, wc.detector, wc.scales)]
+    if wc.method.startswith("rank-"):
+        return [T("reranked_dir", wc.method[len("rank-") :], wc.dataset, wc.detector, wc.scales)]
+    if wc.method == "oracle":
+        return [T("oracle_dir", wc.dataset, wc.detector, wc.scales)]
+    return detection_shards(wc.dataset, wc.detector, wc.scales)
+
+
+def method_args(wc):
+    """``--method M`` or, for ``rank-R``, ``--method rank --ranker R``."""
+    if wc.method.startswith("rank-"):
+        return f"--method rank --ranker {wc.method[len('rank-'):]}"
+    return f"--method {wc.method}"
+
+
+# ------------------------------------------------------------------------------ rules/report.smk
+
+REPORT_SETTINGS = {
+    "postprocess": POST,
+    "report": config["report"],
+    "rankers": {name: RANKERS[name] for name in used_rankers(config)},
+    "expected": [list(r) for r in RESULTS],
+    "config_hash": CONFIG_HASH,
+}
+REPORT = L.report_files()
