@@ -29,10 +29,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "widerface"
-CONFRANK = [sys.executable, "-m", "pipeline.cli"]
+CONFRANK = [sys.executable, "-m", "stages.cli"]
 BASELINE = [sys.executable, "-c", "import pandas, pyarrow.parquet"]
 #: evaluate as the confrank command runs it, then report whether torch was imported
-PROBE = ("import sys; from pipeline.cli import main\n"
+PROBE = ("import sys; from stages.cli import main\n"
          "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
          "print('torch imported:', 'torch' in sys.modules, file=sys.stderr)")
 

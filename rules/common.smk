@@ -36,7 +36,7 @@ CONFIG_HASH = config_hash(config)
 
 _exe = Path(sys.executable).with_name("confrank")
 PYTHON = shlex.quote(sys.executable)
-CONFRANK = shlex.quote(str(_exe)) if _exe.is_file() else f"{PYTHON} -m pipeline.cli"
+CONFRANK = shlex.quote(str(_exe)) if _exe.is_file() else f"{PYTHON} -m stages.cli"
 
 SOFTWARE = "../envs/confrank.yaml"  # the rules' `conda:` (relative to rules/)
 

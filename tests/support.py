@@ -27,7 +27,7 @@ def need_shared(*parts: str) -> Path:
 
 def run_cli(args, capsys) -> tuple[int, str, str]:
     """Run ``confrank ARGS`` in this process: (exit code, stdout, stderr)."""
-    from pipeline.cli import main
+    from stages.cli import main
 
     try:
         main([str(a) for a in args])

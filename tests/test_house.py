@@ -38,3 +38,20 @@ def test_torch_threads_are_set_in_one_place():
     offenders = {str(p.relative_to(ROOT)): lines for p in sorted((ROOT / "tests").glob("*.py"))
                  if p.name != "support.py" and (lines := calls_named(p, "set_num_threads"))}
     assert offenders == {}
+
+
+def _strings(path: Path) -> list[str]:
+    return [node.value for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Constant)
+            and isinstance(node.value, str)]
+
+
+def test_pipeline_never_imports_stages():
+    """The library depends on no stage module: no import statement, and no module name in a
+    string (importlib, registry factories) that starts with ``stages``."""
+    offenders = {}
+    for path in sorted((ROOT / "pipeline").rglob("*.py")):
+        named = {m for m in imported_modules(path) if m == "stages" or m.startswith("stages.")}
+        named |= {s for s in _strings(path) if s.startswith("stages.") and " " not in s}
+        if named:
+            offenders[str(path.relative_to(ROOT))] = sorted(named)
+    assert offenders == {}

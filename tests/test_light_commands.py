@@ -18,7 +18,7 @@ LIGHT = ("index", "import", "export", "evaluate", "inspect", "report")
 SCRIPT = r"""
 import json, sys
 from pathlib import Path
-from pipeline.cli import main
+from stages.cli import main
 
 data, raw = Path(sys.argv[1]), Path(sys.argv[2])
 steps = {

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.cli import main
+from stages.cli import main
 from pipeline.shards import read_table, shard_paths
 from stages.layout import Layout
 from tests.support import need_shared, one_thread, run_cli

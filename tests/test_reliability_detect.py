@@ -24,7 +24,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.cli import main
+from stages.cli import main
 from pipeline.detect import Decoded, DetectLoop
 from pipeline.detectors import registry, weights as weights_cache
 from pipeline.imaging import decode_image, to_chw_tensor
@@ -69,7 +69,7 @@ elif HOOK == "mid-write":
         pause()
     pq.write_table = write_table
 
-from pipeline.cli import main
+from stages.cli import main
 main(sys.argv[1:])
 """
 
@@ -125,9 +125,9 @@ def kill_at(hook: str, data: Path, weights: Path) -> None:
 
 
 def rerun_by_hand(data: Path, weights: Path) -> str:
-    """`python -m pipeline.cli detect ...` run to completion (same working folder as the
+    """`python -m stages.cli detect ...` run to completion (same working folder as the
     tests, so the provenance's input names are the same as in-process runs)."""
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *DETECT_ARGS, "--data-dir", str(data)],
+    proc = subprocess.run([sys.executable, "-m", "stages.cli", *DETECT_ARGS, "--data-dir", str(data)],
                           capture_output=True, text=True, env=child_env(weights), timeout=300)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout

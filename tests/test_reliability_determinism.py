@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.cli import main
+from stages.cli import main
 from pipeline.shards import read_table
 from tests.support import ROOT, need_shared
 from tests.test_reliability_inputs import copy_widerface
@@ -103,7 +103,7 @@ def test_same_inputs_give_byte_identical_outputs(tmp_path, capsys, weights_dir, 
 
 
 #: ``python -c`` program: run ``confrank`` once per argument list of the JSON in argv[1]
-CHAIN = "import json, sys\nfrom pipeline.cli import main\nfor args in json.loads(sys.argv[1]):\n    main(args)\n"
+CHAIN = "import json, sys\nfrom stages.cli import main\nfor args in json.loads(sys.argv[1]):\n    main(args)\n"
 
 
 def test_oracle_nms_rerank_evaluate_are_identical_across_processes(tmp_path, capsys, weights_dir, monkeypatch,

@@ -27,15 +27,15 @@ def mkstemp(prefix="", suffix="", dir=None):
         fd = os.open(path, os.O_WRONLY)
     return fd, path
 tempfile.mkstemp = mkstemp
-from pipeline.cli import main
+from stages.cli import main
 main(sys.argv[1:])
 """
 
 
 def confrank(args: list, env: dict[str, str], program: list[str] | None = None) -> subprocess.CompletedProcess:
-    """``confrank ARGS`` in a new Python process (``python -m pipeline.cli``, the console
+    """``confrank ARGS`` in a new Python process (``python -m stages.cli``, the console
     script's entry point), or ``program`` followed by ARGS."""
-    command = [sys.executable, *(program or ["-m", "pipeline.cli"]), *map(str, args)]
+    command = [sys.executable, *(program or ["-m", "stages.cli"]), *map(str, args)]
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env}
     return subprocess.run(command, capture_output=True, text=True, env=full_env, timeout=300, check=False)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.cli import main
+from stages.cli import main
 from pipeline.shards import code_version, read_table
 from stages.layout import Layout
 from stages.common import snakemake_command

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.cli import main
+from stages.cli import main
 from stages.layout import Layout
 from tests.support import ROOT
 from tests.test_ranker_train import make_dataset
@@ -69,7 +69,7 @@ elif HOOK == "checkpoint-write":     # the AT-th checkpoint is half on disk
                 pause()
     torch.save = save
 
-from pipeline.cli import main
+from stages.cli import main
 main(sys.argv[1:])
 """
 
@@ -99,7 +99,7 @@ def kill_at(hook: str, at: int, data: Path) -> None:
 
 
 def train_by_hand(data: Path) -> str:
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *train_args(data)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "stages.cli", *train_args(data)], capture_output=True, text=True,
                           env=env(), timeout=300)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout

@@ -66,7 +66,7 @@ def driver() -> Iterator:
 @pytest.fixture(scope="module")
 def reports(driver, tmp_path_factory) -> dict[str, Path]:
     """The tiny DAG's report, and a second one of the same data folder with cross-validation deltas."""
-    from pipeline.cli import main
+    from stages.cli import main
 
     work = tmp_path_factory.mktemp("tiny")
     shutil.copy(ROOT / "config" / "test.yaml", work / "config.yaml")

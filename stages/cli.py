@@ -1,4 +1,4 @@
-"""The ``confrank`` command: every DAG stage as a subcommand, plus inspect/weights/run.
+"""The ``confrank`` command (the console entry point): every DAG stage as a subcommand, plus inspect/weights/run.
 
 Subcommands are imported lazily, so ``confrank inspect`` does not pay for importing torch.
 Each maps to ``stages.<module>:<attribute>``, a click command defined next to its stage.
