@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.shards import read_table, shard_members, write_table  # noqa: E402
+from pipeline.tables import read_table, shard_members, write_table  # noqa: E402
 from pipeline.runtime import keep_freed_memory  # noqa: E402
 from stages.nms import _fuse_shard  # noqa: E402
 

@@ -28,7 +28,7 @@ from pipeline.detectors.base import Detector, RawDetections
 from pipeline.errors import ConfrankError
 from pipeline.imaging import resize_tensor
 from pipeline.scales import Scale
-from pipeline.shards import BOX_COLUMNS, LANDMARK_COLUMNS, empty_frame
+from pipeline.tables import BOX_COLUMNS, LANDMARK_COLUMNS, empty_frame
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ class FormatError(ConfrankError, ValueError):
 
 
 class SchemaError(ConfrankError, ValueError):
-    """A Parquet file's columns or types do not match the contract in `pipeline.shards`."""
+    """A Parquet file's columns or types do not match the contract in `pipeline.tables`."""
 
 
 class MissingInputError(ConfrankError, FileNotFoundError):

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from pipeline.shards import ATTRIBUTE_COLUMNS, BOX_COLUMNS
+from pipeline.tables import ATTRIBUTE_COLUMNS, BOX_COLUMNS
 
 SUBSETS = ("easy", "medium", "hard")
 N_THRESHOLDS = 1000

@@ -1,4 +1,4 @@
-"""What an output depends on: the code of its stage, and when a recorded output is up to date.
+"""What an output depends on (its stage's code, when a record is up to date) and the record itself.
 
 One definition serves both ways of running a stage:
 
@@ -17,13 +17,17 @@ not detection's.
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import hashlib
 import json
+import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from pipeline import __version__
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("pipeline", "stages")
@@ -128,3 +132,78 @@ def up_to_date(stored: Mapping[str, Any], expected: Mapping[str, Any]) -> bool:
     would record now) on every :data:`UP_TO_DATE_KEYS` key that ``expected`` has."""
     keys = [k for k in UP_TO_DATE_KEYS if k in expected]
     return all(k in stored and _canon(k, stored[k]) == _canon(k, expected[k]) for k in keys)
+
+
+# ----------------------------------------------------------------------------- the record of an output
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """``<package version>+<12 hex digits>``: a hash of every .py file of pipeline/ and stages/.
+
+    It changes whenever the code that produced an output changes, and only then.
+    """
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for package in ("pipeline", "stages"):
+        for path in sorted((root / package).rglob("*.py")):
+            digest.update(str(path.relative_to(root)).encode())
+            digest.update(path.read_bytes())
+    return f"{__version__}+{digest.hexdigest()[:12]}"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """A short, order-independent hash of a JSON-able config mapping."""
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def provenance(
+    stage: str,
+    config: Mapping[str, Any] | None = None,
+    inputs: Sequence[str | Path] = (),
+    **extra: Any,
+) -> dict[str, Any]:
+    """The metadata every output records: stage, config (and its hash), code version, inputs.
+
+    ``inputs`` are hashed with sha256 (file) and recorded by name relative to the working
+    folder when possible. ``extra`` adds stage-specific keys (detector, weights sha256, ...).
+    The snakemake rule name is taken from ``CONFRANK_RULE`` when the Snakefile sets it.
+    """
+    config = dict(config or {})
+    record: dict[str, Any] = {
+        "stage": stage,
+        "rule": os.environ.get("CONFRANK_RULE", ""),
+        "code_version": code_version(),
+        "config": config,
+        "config_hash": config_hash(config),
+        "inputs": {_display(p): sha256_file(p) for p in inputs if Path(p).is_file()},
+    }
+    record.update(extra)
+    return record
+
+
+#: the top folders of a data folder (``stages.layout.Layout``)
+DATA_TOPS = ("raw", "interim", "processed")
+
+
+def _display(path: str | Path) -> str:
+    """A path's name in provenance: relative to the working folder when under it; else, for a
+    file of a data folder, from its ``raw`` / ``interim`` / ``processed`` folder on (so that
+    ``.../detector=A/.../part-0.parquet`` and ``.../detector=B/.../part-0.parquet`` stay apart,
+    whatever the data folder is called); else its file name."""
+    p = Path(path)
+    with contextlib.suppress(ValueError):
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    parts = p.resolve().parts
+    tops = [i for i, part in enumerate(parts[:-1]) if part in DATA_TOPS]
+    return str(Path(*parts[tops[-1]:])) if tops else p.name

@@ -1,4 +1,4 @@
-"""Dataset formats parsed into the ``images`` and ``gt`` tables (see ``pipeline.shards``).
+"""Dataset formats parsed into the ``images`` and ``gt`` tables (see ``pipeline.tables``).
 
 Formats:
 
@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import FormatError
-from pipeline.shards import ATTRIBUTE_COLUMNS, LANDMARK_COLUMNS
+from pipeline.tables import ATTRIBUTE_COLUMNS, LANDMARK_COLUMNS
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 SUBSETS = ("easy", "medium", "hard")

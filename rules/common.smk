@@ -22,7 +22,7 @@ from pipeline.config import (
 )
 from pipeline.detectors.registry import DETECTORS
 from pipeline.provenance import code_hash
-from pipeline.shards import config_hash
+from pipeline.provenance import config_hash
 from stages.layout import Layout
 
 L = Layout.from_env(config["data_dir"])
@@ -44,7 +44,7 @@ SOFTWARE = "../envs/confrank.yaml"  # the rules' `conda:` (relative to rules/)
 def confrank(rule_name, args, env="", device=False):
     """A rule's shell command: ``confrank ARGS`` (with ``--device`` from the config when
     ``device``), its output to the rule's log, the rule name (it goes into the outputs'
-    provenance, pipeline.shards) and the data folder in its environment, ``env`` before it.
+    provenance, pipeline.provenance) and the data folder in its environment, ``env`` before it.
     The config hash is not exported: it would make every job rerun on any config change."""
     data_dir = shlex.quote(str(L.root))
     device_flag = f" {DEVICE}" if device and DEVICE else ""

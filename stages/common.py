@@ -19,7 +19,7 @@ import yaml
 
 from pipeline.config import validate_config
 from pipeline.errors import ConfrankError, MissingInputError
-from pipeline.shards import read_table, shard_paths
+from pipeline.tables import read_table, shard_paths
 from stages.layout import Layout
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -34,7 +34,8 @@ from pipeline.metrics import WiderFaceEval
 from pipeline.postprocess import fuse
 from pipeline.ranker.folds import assign_folds
 from pipeline.ranker.gbm import GbmConfig
-from pipeline.shards import read_table, read_tables, write_table, write_text_atomic
+from pipeline.atomic_io import write_text_atomic
+from pipeline.tables import read_table, read_tables, write_table
 from stages.common import parse_names, read_gt, require_shards
 from stages.featurestore import ensure_features, feature_shards
 from stages.layout import Layout, data_dir_option

@@ -27,7 +27,7 @@ import click
 import yaml
 from tqdm import tqdm
 
-from pipeline.shards import write_text_atomic
+from pipeline.atomic_io import write_text_atomic
 from stages.layout import Layout
 from stages.common import ROOT, snakemake_command
 

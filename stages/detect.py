@@ -36,7 +36,8 @@ from pipeline.errors import ConfrankError
 from pipeline.imaging import decode_image, to_chw_tensor
 from pipeline.provenance import code_hash, up_to_date
 from pipeline.scales import SCALE_SETS, scale_set
-from pipeline.shards import provenance, read_metadata, read_table, sha256_file, shard_members, write_table
+from pipeline.provenance import provenance, sha256_file
+from pipeline.tables import read_metadata, read_table, shard_members, write_table
 from stages.layout import Layout, data_dir_option, parse_shard
 
 log = logging.getLogger("confrank.detect")

@@ -15,7 +15,9 @@ import click
 
 from pipeline.errors import MissingInputError
 from pipeline.metrics import SUBSETS, WiderFaceEval
-from pipeline.shards import atomic_output, provenance, read_metadata, read_table, write_table, write_text_atomic
+from pipeline.atomic_io import atomic_output, write_text_atomic
+from pipeline.provenance import provenance
+from pipeline.tables import read_metadata, read_table, write_table
 from stages.common import method_name, read_gt
 from stages.layout import Layout, data_dir_option
 

@@ -19,7 +19,7 @@ import pandas as pd
 
 import pipeline.ranker.features  # noqa: F401  (declares the ``features`` table)
 from pipeline.errors import ConfrankError, MissingInputError
-from pipeline.shards import read_table, shard_paths
+from pipeline.tables import read_table, shard_paths
 from stages.common import DETECTION_SORT, require_shards
 from stages.layout import Layout
 
@@ -43,7 +43,7 @@ def _box_shards(layout: Layout, dataset: str, detector: str, scales: str) -> tup
 
 
 def _evidence_frames(layout: Layout, dataset: str, detector: str, scales: str, evidence: Sequence[str]) -> tuple[dict, list[Path]]:
-    from pipeline.shards import read_tables
+    from pipeline.tables import read_tables
 
     frames, inputs = {}, []
     for other in sorted(set(evidence) - {detector}):
@@ -96,7 +96,8 @@ def compute_features(layout: Layout, dataset: str, detector: str, scales: str,
 
 def write_features(layout: Layout, dataset: str, detector: str, scales: str, evidence: Sequence[str]) -> list[Path]:
     """Compute and write the features shards of one detector; returns the written paths."""
-    from pipeline.shards import provenance, write_table
+    from pipeline.provenance import provenance
+    from pipeline.tables import write_table
 
     config = _features_config(dataset, detector, scales, evidence)
     written = []
@@ -110,7 +111,8 @@ def write_features(layout: Layout, dataset: str, detector: str, scales: str, evi
 def _cache_valid(cached: Path, source: Path, config: dict[str, Any]) -> bool:
     """Whether a features shard was made from ``source`` as it is now, with ``config``'s
     evidence set and feature list."""
-    from pipeline.shards import read_metadata, sha256_file
+    from pipeline.provenance import sha256_file
+    from pipeline.tables import read_metadata
 
     if not cached.is_file():
         return False
@@ -128,7 +130,7 @@ def feature_shards(layout: Layout, dataset: str, detector: str, scales: str,
     features are computed on the fly (nothing is written), with the same result. Frames hold
     the source shard's rows in the stored order (image, score descending).
     """
-    from pipeline.shards import read_table as read
+    from pipeline.tables import read_table as read
 
     sources, _ = _box_shards(layout, dataset, detector, scales)
     config = _features_config(dataset, detector, scales, evidence)

@@ -28,7 +28,8 @@ import pandas as pd
 
 from pipeline.errors import FormatError, MissingInputError
 from pipeline.imaging import image_size
-from pipeline.shards import provenance, write_table
+from pipeline.provenance import provenance
+from pipeline.tables import write_table
 from pipeline.widerface import (
     IMAGE_SUFFIXES,
     Annotations,

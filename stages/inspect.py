@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from pipeline.errors import MissingInputError
-from pipeline.shards import detect_kind, read_metadata, read_tables
+from pipeline.tables import detect_kind, read_metadata, read_tables
 
 QUANTILES = (0.0, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
 

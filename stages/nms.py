@@ -26,7 +26,8 @@ import pandas as pd
 import torch
 
 from pipeline.postprocess import SCORE_COLUMN, fuse, fusion_of
-from pipeline.shards import provenance, read_metadata, read_table, shard_paths, write_table
+from pipeline.provenance import provenance
+from pipeline.tables import read_metadata, read_table, shard_paths, write_table
 from stages.common import FINAL_SORT, dask_scheduler_option, map_shards, method_name, require_shards
 from stages.layout import Layout, data_dir_option
 

@@ -16,7 +16,8 @@ import pandas as pd
 import torch
 
 from pipeline.boxes import oracle_iou
-from pipeline.shards import BOX_COLUMNS, provenance, read_metadata, read_table, write_table
+from pipeline.provenance import provenance
+from pipeline.tables import BOX_COLUMNS, read_metadata, read_table, write_table
 from stages.common import DETECTION_SORT, dask_scheduler_option, map_shards, read_gt, require_shards
 from stages.layout import Layout, data_dir_option
 

@@ -38,8 +38,9 @@ from pipeline.ranker.features import FEATURES
 from pipeline.ranker.gbm import OBJECTIVES, PAYLOAD_FORMAT as GBM_FORMAT, GbmConfig, gbm_from_payload, gbm_payload, predict_gbm, train_gbm
 from pipeline.ranker.model import BACKBONES, IMAGE_BRANCHES, OUTPUTS, RankerConfig, build_ranker, model_from_payload, model_payload
 from pipeline.ranker.train import Trainer, TrainConfig
-from pipeline.shards import (atomic_output, provenance, read_metadata, read_table, read_tables,
-                             shard_paths, write_table, write_text_atomic)
+from pipeline.atomic_io import atomic_output, write_text_atomic
+from pipeline.provenance import provenance
+from pipeline.tables import read_metadata, read_table, read_tables, shard_paths, write_table
 from stages.common import parse_names
 from stages.featurestore import feature_shards
 from stages.layout import Layout

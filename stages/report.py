@@ -25,7 +25,9 @@ import pandas as pd
 
 from pipeline import report as rp
 from pipeline.errors import FormatError, MissingInputError
-from pipeline.shards import code_version, config_hash, read_metadata, read_table, read_tables, shard_paths, write_text_atomic, atomic_output
+from pipeline.atomic_io import write_text_atomic, atomic_output
+from pipeline.provenance import code_version, config_hash
+from pipeline.tables import read_metadata, read_table, read_tables, shard_paths
 from stages.layout import Layout, data_dir_option
 
 CSS = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}

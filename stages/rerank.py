@@ -25,7 +25,8 @@ import click
 import numpy as np
 
 from pipeline.ranker.gbm import GbmConfig
-from pipeline.shards import provenance, read_table, sha256_file, shard_paths, write_table
+from pipeline.provenance import provenance, sha256_file
+from pipeline.tables import read_table, shard_paths, write_table
 from pipeline.errors import MissingInputError
 from stages.featurestore import feature_shards
 from stages.layout import Layout, data_dir_option

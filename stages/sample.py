@@ -17,7 +17,7 @@ import numpy as np
 from scipy.io import savemat
 
 from pipeline.sample import Scene, compose_dataset, subset_masks
-from pipeline.shards import atomic_output
+from pipeline.atomic_io import atomic_output
 
 EVENT = "0--Demo"
 

@@ -20,7 +20,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import ConfrankError, FormatError, MissingInputError
-from pipeline.shards import provenance, read_table, shard_members, write_table
+from pipeline.provenance import provenance
+from pipeline.tables import read_table, shard_members, write_table
 from pipeline.submission import format_submission, parse_submission, submission_frame
 from stages.common import DETECTION_SORT, FINAL_SORT, method_name
 from stages.layout import Layout, data_dir_option

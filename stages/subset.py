@@ -14,7 +14,8 @@ import click
 
 from pipeline.errors import MissingInputError
 from pipeline.ranker.data import HALVES, split_half
-from pipeline.shards import provenance, read_metadata, read_table, write_table
+from pipeline.provenance import provenance
+from pipeline.tables import read_metadata, read_table, write_table
 from stages.layout import Layout, data_dir_option
 
 

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from pipeline.provenance import code_hash, module_closure
-from pipeline.shards import path_keys, read_metadata
+from pipeline.tables import path_keys, read_metadata
 from stages.layout import Layout
 from stages.common import ROOT, snakemake_command
 from tests.test_table_trees import assert_tree_opens_everywhere

@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipeline.detect import MemoryBudget
 from pipeline.detectors import registry
-from pipeline.shards import read_metadata, read_table, shard_members, write_table
+from pipeline.tables import read_metadata, read_table, shard_members, write_table
 from stages import detect as detect_stage
 from stages.detect import cli, run_detect
 from stages.layout import Layout
@@ -88,7 +88,7 @@ def test_skip_does_not_depend_on_how_or_where_it_was_run(tmp_path, shared, monke
     """A shard written by a snakemake job (rule name set, run from the workflow folder) is up
     to date for the same command by hand from another folder, after an edit to code the stage
     does not import; an edit to the stage's own code (its `code` hash) recomputes it."""
-    import pipeline.shards
+    import pipeline.provenance
     import stages.detect
 
     layout, _, _ = make_dataset(tmp_path, shared, n=1)
@@ -101,7 +101,7 @@ def test_skip_does_not_depend_on_how_or_where_it_was_run(tmp_path, shared, monke
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     monkeypatch.delenv("CONFRANK_RULE")
-    monkeypatch.setattr(pipeline.shards, "code_version", lambda: "0.1.0+edited")  # e.g. a docstring in report.py
+    monkeypatch.setattr(pipeline.provenance, "code_version", lambda: "0.1.0+edited")  # e.g. a docstring in report.py
     _, computed = run_detect("tiny", DETECTOR, "original", (0, 1), layout, torch.device("cpu"), workers=0)
     assert not computed and path.stat().st_mtime_ns == mtime
     monkeypatch.setattr(stages.detect, "code_hash", lambda *modules: "0" * 16)  # the stage's code changed

@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 
 from stages.cli import main
-from pipeline.shards import read_table, shard_paths
+from pipeline.tables import read_table, shard_paths
 from stages.layout import Layout
 from tests.support import need_shared, one_thread, run_cli
 from tests.widerface_reference import bbox_overlaps_numpy

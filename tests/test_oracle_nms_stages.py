@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.shards import read_metadata, read_table, write_table
+from pipeline.tables import read_metadata, read_table, write_table
 from stages.layout import Layout
 from tests.support import need_shared, run_cli
 

@@ -10,7 +10,8 @@ import yaml
 from click.testing import CliRunner
 
 from pipeline.errors import ConfrankError
-from pipeline.shards import provenance, read_metadata, read_table, write_table
+from pipeline.provenance import provenance
+from pipeline.tables import read_metadata, read_table, write_table
 from stages import cv as cv_stage
 from stages import features as features_stage
 from stages import nms as nms_stage

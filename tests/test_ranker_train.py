@@ -13,7 +13,8 @@ from torchvision.ops import box_iou
 from pipeline.errors import ConfrankError
 from pipeline.ranker.model import RankerConfig, build_ranker
 from pipeline.ranker.train import Trainer, TrainConfig, lr_at
-from pipeline.shards import provenance, read_table, read_tables, shard_paths, write_table
+from pipeline.provenance import provenance
+from pipeline.tables import read_table, read_tables, shard_paths, write_table
 from stages import rerank as rerank_stage
 from stages import rankers
 from stages import train as train_stage

@@ -29,7 +29,7 @@ from pipeline.detect import Decoded, DetectLoop
 from pipeline.detectors import registry, weights as weights_cache
 from pipeline.imaging import decode_image, to_chw_tensor
 from pipeline.scales import scale_set
-from pipeline.shards import read_table, shard_paths
+from pipeline.tables import read_table, shard_paths
 from stages.detect import run_detect
 from stages.layout import Layout
 from tests.support import ROOT, need_shared
@@ -173,7 +173,7 @@ def test_kill_while_writing_keeps_the_old_file_and_stale_temporaries_are_harmles
 
 
 def write_older_shard(path: Path) -> bytes:
-    from pipeline.shards import empty_frame, write_table
+    from pipeline.tables import empty_frame, write_table
 
     write_table(empty_frame("detections"), path, "detections", {"stage": "detect", "code_version": "old"})
     return path.read_bytes()

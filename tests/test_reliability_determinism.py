@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from stages.cli import main
-from pipeline.shards import read_table
+from pipeline.tables import read_table
 from tests.support import ROOT, need_shared
 from tests.test_reliability_inputs import copy_widerface
 

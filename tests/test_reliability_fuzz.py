@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from pipeline.errors import FormatError
 from pipeline.metrics import SUBSETS, evaluate_widerface
-from pipeline.shards import ATTRIBUTE_COLUMNS
+from pipeline.tables import ATTRIBUTE_COLUMNS
 from pipeline.widerface import parse_retinaface_labels, parse_split_txt
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -24,7 +24,7 @@ from PIL import Image
 
 from pipeline.detectors import registry
 from pipeline.errors import FormatError
-from pipeline.shards import read_table
+from pipeline.tables import read_table
 from stages.layout import Layout
 from tests.support import ROOT, need_shared, run_cli
 

@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from stages.cli import main
-from pipeline.shards import code_version, read_table
+from pipeline.provenance import code_version
+from pipeline.tables import read_table
 from stages.layout import Layout
 from stages.common import snakemake_command
 from tests.support import ROOT, need_shared

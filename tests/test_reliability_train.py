@@ -127,7 +127,7 @@ def assert_same_model(got: Layout, expected: Layout) -> None:
     assert {k: v for k, v in a.items() if k != "state_dict"} == {k: v for k, v in b.items() if k != "state_dict"}
     if versions[0] == versions[1]:  # differs only when the sources were edited between the two runs
         assert got.ranker_model("r").read_bytes() == expected.ranker_model("r").read_bytes()
-    from pipeline.shards import read_table
+    from pipeline.tables import read_table
 
     cols = ["step", "loss", "lr", "pair_accuracy"]  # samples_per_s is a measured speed
     log_got = read_table(got.ranker_dir("r") / "train_log.parquet", "train_log")[cols]

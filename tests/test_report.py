@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from pipeline import report as rp
 from pipeline.errors import FormatError
-from pipeline.shards import write_table
+from pipeline.tables import write_table
 from stages.layout import Layout
 from stages.report import cli
 

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import SchemaError
-from pipeline.shards import path_keys, read_table, write_table
+from pipeline.tables import path_keys, read_table, write_table
 from stages.layout import Layout
 
 READERS = ("pandas", "dask", "pyarrow", "duckdb")

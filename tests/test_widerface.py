@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import FormatError
-from pipeline.shards import ATTRIBUTE_COLUMNS
+from pipeline.tables import ATTRIBUTE_COLUMNS
 from pipeline.widerface import (
     check_same_boxes,
     image_id_of,

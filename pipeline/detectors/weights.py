@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import BinaryIO, Literal
 
 from pipeline.errors import ConfrankError, MissingInputError
-from pipeline.shards import atomic_output, sha256_file, write_text_atomic
+from pipeline.atomic_io import atomic_output, write_text_atomic
+from pipeline.provenance import sha256_file
 
 CACHE_ENV = "CONFRANK_WEIGHTS"
 #: file in the cache recording the sha256 of user-supplied (unpinned) entries

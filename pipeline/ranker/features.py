@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from pipeline.shards import Column, detection_columns, register_schema
+from pipeline.tables import Column, detection_columns, register_schema
 
 #: IoU at which another detector's box counts as evidence for the same face
 EVIDENCE_IOU = 0.5

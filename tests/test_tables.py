@@ -11,20 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import SchemaError
-from pipeline.shards import (
-    arrow_schema,
-    atomic_output,
-    conform,
-    detect_kind,
-    empty_frame,
-    read_dask,
-    read_metadata,
-    read_table,
-    read_tables,
-    shard_members,
-    shard_paths,
-    write_table,
-)
+from pipeline.atomic_io import atomic_output
+from pipeline.tables import (arrow_schema, conform, detect_kind, empty_frame, read_dask, read_metadata, read_table,
+                             read_tables, shard_members, shard_paths, write_table)
 
 
 def _detections(n=5, image="e/a"):
@@ -147,7 +136,7 @@ def test_shard_members_partition_images():
 
 
 def test_provenance_records_rule_and_inputs(tmp_path, monkeypatch):
-    from pipeline.shards import code_version, provenance
+    from pipeline.provenance import code_version, provenance
 
     src = tmp_path / "in.txt"
     src.write_text("x")

@@ -1,9 +1,10 @@
-"""Parquet contracts: one schema per table, atomic writes, validated readers, provenance.
+"""Parquet tables: one schema per table, validated atomic writes and readers, shard files.
 
-Every table the pipeline stores is declared here (``SCHEMAS``). Coordinates are always
-``x1, y1, x2, y2`` in original-image pixels (float32). String key columns are
-dictionary-encoded, files are zstd-compressed, and provenance (producing stage, config,
-code version, input checksums) lives in the schema-level metadata under the key ``confrank``.
+Every table the pipeline stores is declared here (``SCHEMAS``; a module that adds a table
+declares it with :func:`register_schema`). Coordinates are always ``x1, y1, x2, y2`` in
+original-image pixels (float32). String key columns are dictionary-encoded, files are
+zstd-compressed, and provenance (:func:`pipeline.provenance.provenance`) lives in the
+schema-level metadata under the key ``confrank``.
 
 Hive keys: a file under ``key=value`` folders (``detections/dataset=D/detector=DET/scales=S/``)
 does not store a column named by one of its path keys: the path is the one source of that
@@ -12,20 +13,16 @@ out; :func:`read_table` puts it back from the path. So a whole tree opens as one
 pandas, dask, ``pyarrow.dataset(..., partitioning="hive")`` and duckdb (``hive_partitioning``),
 which all refuse or mistype a column that is both in the files and in the path.
 
-Writes go to a temporary file in the destination folder, are fsync'ed, then renamed over the
-final name, so a final path never holds a half-written file. Nothing time-dependent is
-stored, so the same inputs give byte-identical files.
+Writes go through :func:`pipeline.atomic_io.atomic_output`. Nothing time-dependent is
+stored, so the same inputs give byte-identical files. A dataset's images are split into
+shards (``part-K.parquet``) by :func:`shard_members`; :func:`shard_paths` lists a folder's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import hashlib
 import json
-import os
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +32,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import __version__
+from pipeline.atomic_io import atomic_output
 from pipeline.errors import SchemaError
 
 META_KEY = b"confrank"
@@ -190,117 +187,6 @@ def conform(data: pd.DataFrame | pa.Table, kind: str, source: str = "<data>") ->
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
             raise SchemaError(f"{source}: column {field.name!r} of {kind!r} must be {field.type}: {exc}") from exc
     return pa.Table.from_arrays(arrays, schema=schema)
-
-
-# ----------------------------------------------------------------------------- provenance
-
-
-@functools.lru_cache(maxsize=1)
-def code_version() -> str:
-    """``<package version>+<12 hex digits>``: a hash of every .py file of pipeline/ and stages/.
-
-    It changes whenever the code that produced an output changes, and only then.
-    """
-    root = Path(__file__).resolve().parent.parent
-    digest = hashlib.sha256()
-    for package in ("pipeline", "stages"):
-        for path in sorted((root / package).rglob("*.py")):
-            digest.update(str(path.relative_to(root)).encode())
-            digest.update(path.read_bytes())
-    return f"{__version__}+{digest.hexdigest()[:12]}"
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def config_hash(config: Mapping[str, Any]) -> str:
-    """A short, order-independent hash of a JSON-able config mapping."""
-    text = json.dumps(config, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def provenance(
-    stage: str,
-    config: Mapping[str, Any] | None = None,
-    inputs: Sequence[str | Path] = (),
-    **extra: Any,
-) -> dict[str, Any]:
-    """The metadata every output records: stage, config (and its hash), code version, inputs.
-
-    ``inputs`` are hashed with sha256 (file) and recorded by name relative to the working
-    folder when possible. ``extra`` adds stage-specific keys (detector, weights sha256, ...).
-    The snakemake rule name is taken from ``CONFRANK_RULE`` when the Snakefile sets it.
-    """
-    config = dict(config or {})
-    record: dict[str, Any] = {
-        "stage": stage,
-        "rule": os.environ.get("CONFRANK_RULE", ""),
-        "code_version": code_version(),
-        "config": config,
-        "config_hash": config_hash(config),
-        "inputs": {_display(p): sha256_file(p) for p in inputs if Path(p).is_file()},
-    }
-    record.update(extra)
-    return record
-
-
-#: the top folders of a data folder (``stages.layout.Layout``)
-DATA_TOPS = ("raw", "interim", "processed")
-
-
-def _display(path: str | Path) -> str:
-    """A path's name in provenance: relative to the working folder when under it; else, for a
-    file of a data folder, from its ``raw`` / ``interim`` / ``processed`` folder on (so that
-    ``.../detector=A/.../part-0.parquet`` and ``.../detector=B/.../part-0.parquet`` stay apart,
-    whatever the data folder is called); else its file name."""
-    p = Path(path)
-    with contextlib.suppress(ValueError):
-        return str(p.resolve().relative_to(Path.cwd().resolve()))
-    parts = p.resolve().parts
-    tops = [i for i, part in enumerate(parts[:-1]) if part in DATA_TOPS]
-    return str(Path(*parts[tops[-1]:])) if tops else p.name
-
-
-# ----------------------------------------------------------------------------- atomic I/O
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it over ``path``.
-
-    On any exception (including a full disk) the temporary file is removed and ``path`` is
-    left as it was: the final name never holds a partial file. Temporary names start with a
-    dot and carry the process id, so a stale one from a killed job never collides. An
-    ``OSError`` that names no file (pyarrow's write errors) is raised again naming ``path``.
-    """
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    except BaseException as exc:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
-            raise OSError(exc.errno, os.strerror(exc.errno), str(final)) from exc
-        raise
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through :func:`atomic_output`."""
-    with atomic_output(path) as tmp:
-        tmp.write_text(text)
 
 
 def write_table(
