@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import jsonschema
 
 from pipeline.errors import ConfrankError
+from pipeline.methods import rank, ranker_of
 
 #: scale sets a detector can run at, and whether each is multi-scale (fused by box voting)
 SCALE_SETS: dict[str, bool] = {"original": False, "8k": False, "wider-multi": True, "8k-multi": True}
@@ -35,11 +36,11 @@ class Result(NamedTuple):
     dataset: str
     detector: str
     scales: str
-    method: str  # single, multi, oracle or rank-{ranker}
+    method: str  # a stored method name (pipeline.methods): single, multi, oracle, ensemble or rank-{ranker}
 
     @property
     def ranker(self) -> str | None:
-        return self.method[len("rank-"):] if self.method.startswith("rank-") else None
+        return ranker_of(self.method)
 
 
 def _where(path: Any) -> str:
@@ -188,7 +189,7 @@ def _methods(exp: Mapping[str, Any], scales: str, rankers: Mapping[str, Any]) ->
             if BASE_METHOD[SCALE_SETS[scales]] == method:
                 yield method
         elif method == "rank":
-            yield from (f"rank-{r}" for r in _experiment_rankers(exp, rankers))
+            yield from (rank(r) for r in _experiment_rankers(exp, rankers))
         else:
             yield method
 

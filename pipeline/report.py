@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.methods import family, rank
 from pipeline.metrics import iou_plus_one
 
 MISSING = "—"
@@ -64,14 +65,9 @@ def attribute_frame(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["dataset", "detector", "scales", "method", "attribute", "value", "ap"])
 
 
-def method_family(method: str) -> str:
-    """``rank-foo`` -> ``rank``; other names unchanged."""
-    return "rank" if method.startswith("rank-") else method
-
-
 def _sort_key(frame: pd.DataFrame) -> pd.Series:
-    family = frame["method"].map(method_family)
-    return family.map({m: i for i, m in enumerate(METHOD_ORDER)}).fillna(len(METHOD_ORDER))
+    kinds = frame["method"].map(family)
+    return kinds.map({m: i for i, m in enumerate(METHOD_ORDER)}).fillna(len(METHOD_ORDER))
 
 
 def _pct(value: float) -> str:
@@ -126,11 +122,11 @@ def speedups(metrics: pd.DataFrame, timings: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (ds, det), group in frame.groupby(["dataset", "detector"], sort=True):
         multi = group[group["method"] == "multi"]
-        for _, rank in group[group["method"].str.startswith("rank-")].iterrows():
+        for _, ranked in group[group["method"].map(family) == "rank"].iterrows():
             for _, m in multi.iterrows():
-                ratio = m["total_ms"] / rank["total_ms"] if rank["total_ms"] > 0 else np.nan
-                rows.append({"dataset": ds, "detector": det, "rank": f"{rank['method']} ({rank['scales']})",
-                             "multi": f"multi ({m['scales']})", "Hard rank": _pct(rank["hard"]),
+                ratio = m["total_ms"] / ranked["total_ms"] if ranked["total_ms"] > 0 else np.nan
+                rows.append({"dataset": ds, "detector": det, "rank": f"{ranked['method']} ({ranked['scales']})",
+                             "multi": f"multi ({m['scales']})", "Hard rank": _pct(ranked["hard"]),
                              "Hard multi": _pct(m["hard"]),
                              "speed-up": MISSING if not np.isfinite(ratio) else f"{ratio:.1f}x"})
     return pd.DataFrame(rows, columns=["dataset", "detector", "rank", "multi", "Hard rank", "Hard multi", "speed-up"])
@@ -147,14 +143,14 @@ def ablation_table(metrics: pd.DataFrame, rankers: Mapping[str, Mapping[str, Any
         return pd.DataFrame(columns=["dataset", "detector", "scales", setting, *map(str.capitalize, SUBSETS)])
     rows = []
     for (ds, det, sset), group in metrics.groupby(["dataset", "detector", "scales"], sort=True):
-        ranked = group[group["method"].isin([f"rank-{n}" for n in values])]
+        ranked = group[group["method"].isin([rank(n) for n in values])]
         if ranked["method"].nunique() < 2:
             continue
         for _, row in group[group["method"] == "single"].iterrows():
             rows.append({"dataset": ds, "detector": det, "scales": sset, setting: "baseline (single)",
                          **{s.capitalize(): _pct(row[s]) for s in SUBSETS}})
         for name, value in sorted(values.items(), key=lambda kv: (str(kv[1]), kv[0])):
-            hit = ranked[ranked["method"] == f"rank-{name}"]
+            hit = ranked[ranked["method"] == rank(name)]
             cells = {s.capitalize(): _pct(hit.iloc[0][s]) if len(hit) else MISSING for s in SUBSETS}
             rows.append({"dataset": ds, "detector": det, "scales": sset, setting: f"{value} ({name})", **cells})
     return pd.DataFrame(rows, columns=["dataset", "detector", "scales", setting, *map(str.capitalize, SUBSETS)])
@@ -171,7 +167,7 @@ def attribute_table(attrs: pd.DataFrame) -> pd.DataFrame:
     if attrs.empty:
         return pd.DataFrame(columns=[*keys[:3], "faces"])
     wide = attrs.pivot_table(index=keys, columns="method", values="ap", aggfunc="first")
-    methods = sorted(wide.columns, key=lambda m: (METHOD_ORDER.index(method_family(m)) if method_family(m) in METHOD_ORDER
+    methods = sorted(wide.columns, key=lambda m: (METHOD_ORDER.index(family(m)) if family(m) in METHOD_ORDER
                                                   else len(METHOD_ORDER), m))
     wide = wide.reset_index()
     base = wide["single"] if "single" in wide else pd.Series(np.nan, index=wide.index)
@@ -186,7 +182,7 @@ def attribute_table(attrs: pd.DataFrame) -> pd.DataFrame:
     out["faces"] = [f"{a}: {ATTRIBUTE_VALUES.get(a, {}).get(v, v)} ({v})" for a, v in zip(wide["attribute"], wide["value"])]
     for m in methods:
         out[m] = wide[m].map(_pct)
-    for m in (m for m in methods if method_family(m) == "rank"):
+    for m in (m for m in methods if family(m) == "rank"):
         out[f"Δ {m}"] = (wide[m] - base).map(_delta)
     return out.reset_index(drop=True)
 

@@ -21,6 +21,7 @@ from pipeline.config import (
     used_rankers,
 )
 from pipeline.detectors.registry import DETECTORS
+from pipeline.methods import Method, wildcard_pattern
 from pipeline.provenance import code_hash
 from pipeline.provenance import config_hash
 from stages.layout import Layout
@@ -193,22 +194,26 @@ NMS_ARGS = " ".join(
 )
 
 
+#: the ``method`` wildcard of the nms and evaluate rules (``imported`` comes from ``confrank import``)
+NMS_METHODS = wildcard_pattern(("single", "multi", "oracle", "ensemble", "rank"), RANKERS)
+
+
 def nms_input(wc):
     """The shards a method reads: features (ensemble), re-ranked (rank-R), oracle, detections."""
-    if wc.method == "ensemble":
+    method = Method.parse(wc.method)
+    if method.kind == "ensemble":
         return [T("features_dir", wc.dataset, wc.detector, wc.scales)]
-    if wc.method.startswith("rank-"):
-        return [T("reranked_dir", wc.method[len("rank-") :], wc.dataset, wc.detector, wc.scales)]
-    if wc.method == "oracle":
+    if method.kind == "rank":
+        return [T("reranked_dir", method.ranker, wc.dataset, wc.detector, wc.scales)]
+    if method.kind == "oracle":
         return [T("oracle_dir", wc.dataset, wc.detector, wc.scales)]
     return detection_shards(wc.dataset, wc.detector, wc.scales)
 
 
 def method_args(wc):
     """``--method M`` or, for ``rank-R``, ``--method rank --ranker R``."""
-    if wc.method.startswith("rank-"):
-        return f"--method rank --ranker {wc.method[len('rank-'):]}"
-    return f"--method {wc.method}"
+    method = Method.parse(wc.method)
+    return f"--method rank --ranker {method.ranker}" if method.kind == "rank" else f"--method {method.kind}"
 
 
 # ------------------------------------------------------------------------------ rules/report.smk

@@ -13,7 +13,7 @@ rule nms:
     benchmark:
         T("nms_benchmark", "{dataset}", "{detector}", "{scales}", "{method}")
     wildcard_constraints:
-        method=f"single|multi|oracle|ensemble|rank-({_alt(RANKERS) if RANKERS else '(?!)'})",
+        method=NMS_METHODS,
     conda:
         SOFTWARE
     threads: 2
@@ -50,7 +50,7 @@ rule evaluate:
     log:
         "logs/evaluate/{dataset}/{detector}/{scales}/{method}.log",
     wildcard_constraints:
-        method=r"single|multi|oracle|ensemble|rank-[^/]+",
+        method=NMS_METHODS,
     conda:
         SOFTWARE
     threads: 2

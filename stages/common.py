@@ -19,6 +19,7 @@ import yaml
 
 from pipeline.config import validate_config
 from pipeline.errors import ConfrankError, MissingInputError
+from pipeline.methods import Method
 from pipeline.tables import read_table, shard_paths
 from stages.layout import Layout
 
@@ -33,12 +34,14 @@ FINAL_SORT = DETECTION_SORT
 
 
 def method_name(method: str, ranker: str | None) -> str:
-    """The stored method string: ``single``, ``multi``, ``oracle`` or ``rank-{ranker}``."""
-    if method == "rank":
-        if not ranker:
-            raise click.BadParameter("--method rank needs --ranker RNAME", param_hint="--ranker")
-        return f"rank-{ranker}"
-    return method
+    """The stored method name of ``--method M [--ranker R]`` (:class:`pipeline.methods.Method`):
+    ``single``, ``multi``, ``oracle``, ``ensemble``, ``imported`` or ``rank-{ranker}``."""
+    if method == "rank" and not ranker:
+        raise click.BadParameter("--method rank needs --ranker RNAME", param_hint="--ranker")
+    try:
+        return str(Method.from_options(method, ranker))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--method") from None
 
 
 def read_gt(layout: Layout, dataset: str) -> tuple[Path, pd.DataFrame]:

@@ -25,6 +25,7 @@ import pandas as pd
 
 from pipeline import report as rp
 from pipeline.errors import FormatError, MissingInputError
+from pipeline.methods import family, ranker_of
 from pipeline.atomic_io import write_text_atomic, atomic_output
 from pipeline.provenance import code_version, config_hash
 from pipeline.tables import read_metadata, read_table, read_tables, shard_paths
@@ -75,8 +76,7 @@ def read_timings(layout: Layout, metrics: pd.DataFrame) -> pd.DataFrame:
         parts = shard_paths(layout.latency_dir(r.dataset, r.detector, r.scales))
         detect_ms = rp.latency_ms(read_tables(parts, "latency")) if parts else float("nan")
         post_s = _benchmark_s(layout.nms_benchmark(r.dataset, r.detector, r.scales, r.method))
-        if r.method.startswith("rank-"):
-            ranker = r.method[len("rank-"):]
+        if ranker := ranker_of(r.method):
             post_s += _benchmark_s(layout.rerank_benchmark(ranker, r.dataset, r.detector, r.scales))
         n = r.n_images or np.nan
         rows.append({"dataset": r.dataset, "detector": r.detector, "scales": r.scales, "method": r.method,
@@ -171,9 +171,9 @@ def pr_figures(layout: Layout, metrics: pd.DataFrame, figs: Figures) -> None:
 
 
 def score_figures(layout: Layout, metrics: pd.DataFrame, figs: Figures) -> None:
-    ranked = metrics[metrics["method"].str.startswith("rank-")]
+    ranked = metrics[metrics["method"].map(family) == "rank"]
     for r in ranked.itertuples(index=False):
-        ranker = r.method[len("rank-"):]
+        ranker = ranker_of(r.method)
         folder = layout.reranked_dir(ranker, r.dataset, r.detector, r.scales)
         parts = shard_paths(folder)
         if not parts:
@@ -217,7 +217,7 @@ def example_figures(layout: Layout, metrics: pd.DataFrame, figs: Figures, count:
 
     for (ds, det, sset), group in metrics.groupby(["dataset", "detector", "scales"], sort=True):
         base = _baseline(set(group["method"]))
-        ranks = sorted(m for m in group["method"] if m.startswith("rank-"))
+        ranks = sorted(m for m in group["method"] if family(m) == "rank")
         paths = {m: layout.final(ds, det, sset, m) for m in [base, *ranks] if m}
         if base is None or not ranks or not paths[base].is_file() or not layout.images(ds).is_file():
             continue

@@ -55,3 +55,26 @@ def test_pipeline_never_imports_stages():
         if named:
             offenders[str(path.relative_to(ROOT))] = sorted(named)
     assert offenders == {}
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    return {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)}
+
+
+def test_method_names_are_parsed_and_written_only_in_pipeline_methods():
+    """No code outside pipeline/methods.py builds or cuts a ``rank-`` name itself (docstrings,
+    comments and help texts may name the form)."""
+    offenders = {}
+    for path in sorted([*(ROOT / "pipeline").rglob("*.py"), *(ROOT / "stages").glob("*.py")]):
+        if path == ROOT / "pipeline" / "methods.py":
+            continue
+        tree = ast.parse(path.read_text())
+        docs = _docstrings(tree)
+        lines = [node.lineno for node in ast.walk(tree)
+                 if (isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs
+                     and node.value.startswith("rank-") and " " not in node.value)
+                 or (isinstance(node, ast.JoinedStr) and node.values and isinstance(node.values[0], ast.Constant)
+                     and str(node.values[0].value).startswith("rank-"))]
+        if lines:
+            offenders[str(path.relative_to(ROOT))] = lines
+    assert offenders == {}
