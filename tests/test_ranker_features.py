@@ -163,3 +163,32 @@ def test_gbm_learns_a_signal_and_is_deterministic(objective):
     b = predict_gbm(train_gbm(x, oracle, config, groups, threads=1), x, config)
     assert np.array_equal(a, b) and a.dtype == np.float32 and (0 <= a).all() and (a <= 1).all()
     assert spearmanr(a, oracle).statistic > 0.9
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 100), st.floats(0, 100), st.floats(0, 50), st.floats(0, 50)), min_size=1, max_size=12),
+       st.lists(st.tuples(st.floats(0, 100), st.floats(0, 100), st.floats(0, 50), st.floats(0, 50)), min_size=1, max_size=12))
+def test_pairwise_iou_equals_torchvision(a, b):
+    import torch
+    from torchvision.ops import box_iou
+
+    from pipeline.ranker.features import pairwise_iou
+
+    def xyxy(rows):
+        r = np.array(rows, np.float32)
+        return np.c_[r[:, :2], r[:, :2] + r[:, 2:]].astype(np.float32)
+
+    want = box_iou(torch.from_numpy(xyxy(a)), torch.from_numpy(xyxy(b))).nan_to_num(0.0).numpy()
+    np.testing.assert_allclose(pairwise_iou(xyxy(a), xyxy(b)), want, rtol=1e-5, atol=1e-6)
+
+
+def test_neighbour_pair_accuracy_counts_ties_as_half():
+    from stages.rankers import neighbour_pair_accuracy
+
+    group = np.array([0, 0, 0, 1, 1])
+    score = np.array([0.9, 0.8, 0.7, 0.9, 0.1])
+    oracle = np.array([0.1, 0.9, 0.5, 0.3, 0.3])  # pairs: (0,1) want -, (1,2) want +; group 1 tied: skipped
+    assert neighbour_pair_accuracy(group, score, np.array([0.2, 0.8, 0.5, 0, 0]), oracle) == 1.0
+    assert neighbour_pair_accuracy(group, score, np.array([0.9, 0.8, 0.5, 0, 0]), oracle) == 0.5
+    assert neighbour_pair_accuracy(group, score, np.array([0.5, 0.5, 0.6, 0, 0]), oracle) == 0.25
+    assert np.isnan(neighbour_pair_accuracy(group[3:], score[3:], score[3:], oracle[3:]))

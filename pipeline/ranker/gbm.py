@@ -4,10 +4,14 @@ Each box is a row of :data:`pipeline.ranker.features.FEATURES`; the target is it
 confidence (IoU with the closest ground-truth face). The model's output is the new
 confidence, in [0, 1]:
 
-- ``cross_entropy`` (default): the oracle IoU is the soft label of a logistic model, so the
-  output estimates the box's IoU with a face. One calibrated score for every image is what
-  the WiderFace protocol needs (it thresholds scores over the whole set, not per image).
-- ``binary``: label 1 when the oracle IoU is >= 0.5 (a face the evaluation would count).
+- ``binary`` (default): label 1 when the oracle IoU is >= 0.5 (a face the evaluation would
+  count); the output estimates the probability that the box is a true positive. One
+  calibrated score for every image is what the WiderFace protocol needs (it thresholds
+  scores over the whole set, not per image). In cross-validation it beat ``cross_entropy``
+  by 1.5 to 3.4 Hard AP points per detector (docs/ranker.md).
+- ``cross_entropy``: the oracle IoU is the soft label of a logistic model, so the output
+  estimates the box's IoU with a face (it ranks a well-placed box on a large face above a
+  true positive on a small one, which costs Hard AP).
 - ``lambdarank``: LightGBM's listwise LambdaRank within each image (group), relevance
   0..3 from the oracle IoU (< .3, .3–.5, .5–.7, >= .7); its raw output is squashed with a
   sigmoid (ranks within an image are what it learns, not a scale shared by images).
@@ -35,7 +39,7 @@ RELEVANCE_EDGES = (0.3, 0.5, 0.7)
 class GbmConfig:
     """Settings of the feature ranker (what a preset file or the train flags give)."""
 
-    objective: str = "cross_entropy"
+    objective: str = "binary"
     trees: int = 300
     learning_rate: float = 0.05
     leaves: int = 31
@@ -43,6 +47,7 @@ class GbmConfig:
     feature_fraction: float = 0.9
     bagging_fraction: float = 0.8
     l2: float = 1.0
+    max_bin: int = 63
     seed: int = 0
     #: detectors whose boxes are evidence for each other (a box's own detector is left out)
     evidence: tuple[str, ...] = ()
@@ -51,7 +56,8 @@ class GbmConfig:
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ConfrankError(f"gbm objective {self.objective!r}: expected one of {', '.join(OBJECTIVES)}")
-        if self.trees < 1 or self.leaves < 2 or self.min_leaf < 1 or not 0 < self.learning_rate <= 1:
+        if (self.trees < 1 or self.leaves < 2 or self.min_leaf < 1 or self.max_bin < 2
+                or not 0 < self.learning_rate <= 1):
             raise ConfrankError(f"gbm settings out of range: {self}")
         object.__setattr__(self, "evidence", tuple(self.evidence))
         object.__setattr__(self, "features", tuple(self.features))
@@ -67,7 +73,7 @@ class GbmConfig:
             "objective": self.objective, "learning_rate": self.learning_rate, "num_leaves": self.leaves,
             "min_data_in_leaf": self.min_leaf, "feature_fraction": self.feature_fraction,
             "bagging_fraction": self.bagging_fraction, "bagging_freq": 1 if self.bagging_fraction < 1 else 0,
-            "lambda_l2": self.l2, "seed": self.seed, "num_threads": threads, "deterministic": True,
+            "lambda_l2": self.l2, "max_bin": self.max_bin, "seed": self.seed, "num_threads": threads, "deterministic": True,
             "force_row_wise": True, "verbose": -1,
         }
 
