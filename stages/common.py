@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import pandas as pd
@@ -23,14 +23,17 @@ from pipeline.methods import Method
 from pipeline.tables import read_table, shard_paths
 from stages.layout import Layout
 
+if TYPE_CHECKING:
+    import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 SNAKEFILE = ROOT / "Snakefile"
 SCHEMA = ROOT / "config" / "config.schema.yaml"
 DEFAULT_CONFIG = ROOT / "config" / "config.yaml"
 SCHEDULERS = ("threads", "processes", "synchronous")
-#: row order of detection shards and of final boxes: by image, best score first
+#: row order of detection, oracle, features and re-ranked shards and of final boxes: by image,
+#: best score first (the one sort order of box tables)
 DETECTION_SORT = [("image_id", "ascending"), ("score", "descending")]
-FINAL_SORT = DETECTION_SORT
 
 
 def method_name(method: str, ranker: str | None) -> str:
@@ -42,6 +45,18 @@ def method_name(method: str, ranker: str | None) -> str:
         return str(Method.from_options(method, ranker))
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--method") from None
+
+
+def pick_device(name: str | None) -> "torch.device":
+    """``cuda`` when asked (error if absent), else ``cpu``; default (None): cuda when available.
+    torch is imported here, not with this module (the light commands never call this)."""
+    import torch
+
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfrankError("--device cuda: no CUDA device is available here; use --device cpu")
+    return torch.device(name)
 
 
 def read_gt(layout: Layout, dataset: str) -> tuple[Path, pd.DataFrame]:

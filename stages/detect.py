@@ -38,12 +38,12 @@ from pipeline.provenance import code_hash, up_to_date
 from pipeline.scales import SCALE_SETS, scale_set
 from pipeline.provenance import provenance, sha256_file
 from pipeline.tables import read_metadata, read_table, shard_members, write_table
+from stages.common import DETECTION_SORT, pick_device
 from stages.layout import Layout, data_dir_option, parse_shard
 
 log = logging.getLogger("confrank.detect")
 
 AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-SORT_DETECTIONS = [("image_id", "ascending"), ("score", "descending")]
 SORT_LATENCY = [("image_id", "ascending")]
 
 
@@ -88,15 +88,6 @@ def decoded_images(files: ImageFiles, workers: int, pin: bool) -> Iterator[Decod
         if error is not None:
             raise ConfrankError(error)
         yield Decoded(image_id, pixels)
-
-
-def pick_device(name: str | None) -> torch.device:
-    """``cuda`` when asked (error if absent), else ``cpu``; default: cuda when available."""
-    if name is None:
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfrankError("--device cuda: no CUDA device is available here; use --device cpu")
-    return torch.device(name)
 
 
 def shard_metadata(dataset: str, detector: str, scales: str, shard: tuple[int, int], device: torch.device,
@@ -180,7 +171,7 @@ def run_detect(dataset: str, detector_name: str, scales: str, shard: tuple[int, 
     if loop.fallbacks:
         meta = {**meta, "cpu_fallback": loop.fallbacks}
     with ThreadPoolExecutor(max_workers=2) as pool:  # the two files are written concurrently
-        jobs = [pool.submit(write_table, detections, out[0], "detections", meta, SORT_DETECTIONS),
+        jobs = [pool.submit(write_table, detections, out[0], "detections", meta, DETECTION_SORT),
                 pool.submit(write_table, latency, out[1], "latency", meta, SORT_LATENCY)]
         errors = [job.exception() for job in jobs]
     failed = [err for err in errors if err is not None]

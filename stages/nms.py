@@ -28,7 +28,7 @@ import torch
 from pipeline.postprocess import SCORE_COLUMN, fuse, fusion_of
 from pipeline.provenance import provenance
 from pipeline.tables import read_metadata, read_table, shard_paths, write_table
-from stages.common import FINAL_SORT, dask_scheduler_option, map_shards, method_name, require_shards
+from stages.common import DETECTION_SORT, dask_scheduler_option, map_shards, method_name, require_shards
 from stages.layout import Layout, data_dir_option
 
 def _fuse_shard(job: tuple[Path, str, float, int, bool]) -> tuple[pd.DataFrame, int]:
@@ -84,5 +84,5 @@ def cli(dataset: str, detector: str, scales: str, method: str, ranker: str | Non
               "iou_convention": "+1 pixel"}
     meta = provenance("nms", config, inputs=sources, source_metadata=read_metadata(sources[0]))
     path = layout.final(dataset, detector, scales, name)
-    write_table(final, path, "final", metadata=meta, sort_by=FINAL_SORT)
+    write_table(final, path, "final", metadata=meta, sort_by=DETECTION_SORT)
     click.echo(f"wrote {len(final)} boxes ({config['fusion']}) to {path}")

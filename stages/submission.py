@@ -23,7 +23,7 @@ from pipeline.errors import ConfrankError, FormatError, MissingInputError
 from pipeline.provenance import provenance
 from pipeline.tables import read_table, shard_members, write_table
 from pipeline.submission import format_submission, parse_submission, submission_frame
-from stages.common import DETECTION_SORT, FINAL_SORT, method_name
+from stages.common import DETECTION_SORT, method_name
 from stages.layout import Layout, data_dir_option
 
 IMPORTED = "imported"
@@ -93,7 +93,7 @@ def import_cli(dataset: str, detector: str, txt_dir: Path, scales: str, shards: 
         write_table(part, layout.detections(dataset, detector, scales, k), "detections",
                     metadata=provenance("import", {**config, "shard": f"{k}/{shards}"}, detector=detector), sort_by=DETECTION_SORT)
     path = layout.final(dataset, detector, scales, IMPORTED)
-    write_table(boxes, path, "final", metadata=provenance("import", config, detector=detector), sort_by=FINAL_SORT)
+    write_table(boxes, path, "final", metadata=provenance("import", config, detector=detector), sort_by=DETECTION_SORT)
     click.echo(f"imported {len(boxes)} boxes of {boxes['image_id'].nunique()} images into {path}")
 
 

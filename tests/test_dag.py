@@ -197,7 +197,8 @@ def assert_by_hand_detect_skips(data: Path) -> None:
     """The shards snakemake wrote are up to date for the same command run by hand, from
     another folder and without the rule name: both use the same code hash (the rule's
     ``code`` param) and the same up-to-date keys."""
-    from stages.detect import pick_device, run_detect
+    from stages.common import pick_device
+    from stages.detect import run_detect
 
     shards = sorted((data / "interim" / "detections").rglob("part-*.parquet"))
     assert shards

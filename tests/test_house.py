@@ -78,3 +78,22 @@ def test_method_names_are_parsed_and_written_only_in_pipeline_methods():
         if lines:
             offenders[str(path.relative_to(ROOT))] = lines
     assert offenders == {}
+
+
+#: the stage-layer modules a stage may import: light helpers (no torch), the feature cache,
+#: the torch-heavy ranker training and re-scoring shared by train, rerank and cv, the paths
+SHARED_STAGE_MODULES = {"stages.common", "stages.featurestore", "stages.rankers", "stages.layout"}
+
+
+def test_a_stage_imports_no_other_stage_only_the_shared_modules():
+    offenders = {}
+    for path in sorted((ROOT / "stages").glob("*.py")):
+        own = f"stages.{path.stem}"
+        stage_imports = {m for m in imported_modules(path) if m.startswith("stages.") and m.count(".") == 1}
+        # ``from stages.common import X`` also yields stages.common.X: keep module names only
+        named = {m for m in stage_imports if (ROOT / "stages" / f"{m.split('.')[1]}.py").is_file()}
+        bad = named - SHARED_STAGE_MODULES - {own}
+        if bad:
+            offenders[str(path.relative_to(ROOT))] = sorted(bad)
+    assert offenders == {}
+    assert all((ROOT / "stages" / f"{m.split('.')[1]}.py").is_file() for m in SHARED_STAGE_MODULES)
