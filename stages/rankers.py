@@ -428,13 +428,13 @@ def train_gbm_ranker(layout: Layout, ranker: str, datasets: list[str], detectors
 
 
 def _gbm_loss_curve(booster, x: np.ndarray, oracle: np.ndarray, config: GbmConfig, every: int) -> tuple[np.ndarray, np.ndarray]:
-    """(trees, training loss) every ``every`` trees and at the end: the soft-label cross
-    entropy of the predicted confidence against the oracle IoU (for every objective), on at
-    most 20,000 evenly spaced training rows (the curve's shape, at a small cost)."""
+    """(trees, training loss) every ``every`` trees and at the end, on at most 20,000 evenly
+    spaced training rows (the curve's shape, at a small cost): the cross entropy of the
+    predicted confidence against the label (IoU >= 0.5 for ``binary``, else the IoU itself)."""
     trees = np.unique(np.r_[np.arange(every, config.trees, every), config.trees])
     step = max(1, len(x) // 20_000)
     x, oracle = x[::step], oracle[::step]
-    target = np.clip(oracle, 0, 1)
+    target = (oracle >= 0.5).astype(np.float64) if config.objective == "binary" else np.clip(oracle, 0, 1)
     losses = []
     for n in trees:
         raw = booster.predict(x, num_iteration=int(n))
