@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from pipeline.tables import read_table, shard_members, write_table  # noqa: E402
 from pipeline.runtime import keep_freed_memory  # noqa: E402
 from stages.nms import _fuse_shard  # noqa: E402
+from tests.widerface_reference import bbox_vote  # noqa: E402
 
 
 def synthetic_image(rng: np.random.Generator, image_id: str, n_scales: int, n_boxes: int) -> pd.DataFrame:
@@ -51,26 +52,6 @@ def synthetic_image(rng: np.random.Generator, image_id: str, n_scales: int, n_bo
                                     "x1": xy[:, 0], "y1": xy[:, 1], "x2": xy[:, 0] + wh[:, 0], "y2": xy[:, 1] + wh[:, 1],
                                     "score": score}))
     return pd.concat(frames, ignore_index=True)
-
-
-def reference_vote(det: np.ndarray, thr: float = 0.4) -> np.ndarray:
-    """The RetinaFace ``bbox_vote`` loop (det sorted by score, N x 5)."""
-    out = []
-    while det.shape[0] > 0:
-        area = (det[:, 2] - det[:, 0] + 1) * (det[:, 3] - det[:, 1] + 1)
-        xx1, yy1 = np.maximum(det[0, 0], det[:, 0]), np.maximum(det[0, 1], det[:, 1])
-        xx2, yy2 = np.minimum(det[0, 2], det[:, 2]), np.minimum(det[0, 3], det[:, 3])
-        inter = np.maximum(0.0, xx2 - xx1 + 1) * np.maximum(0.0, yy2 - yy1 + 1)
-        o = inter / (area[0] + area[:] - inter)
-        merge = np.where(o >= thr)[0]
-        accu = det[merge, :]
-        det = np.delete(det, merge, 0)
-        if merge.shape[0] <= 1:
-            if det.shape[0] == 0:
-                out.append(accu[0])
-            continue
-        out.append(np.r_[(accu[:, :4] * accu[:, 4:]).sum(0) / accu[:, 4].sum(), accu[:, 4].max()])
-    return np.array(out)[:750]
 
 
 def main() -> None:
@@ -110,7 +91,7 @@ def main() -> None:
         det = first[first.image_id.astype(str) == image_id]
         det = det.sort_values("score", ascending=False, kind="stable")[["x1", "y1", "x2", "y2", "score"]].to_numpy(np.float64)
         t0 = time.perf_counter()
-        reference_vote(det)
+        bbox_vote(det)
         ref_times.append(time.perf_counter() - t0)
     ref_per_image = float(np.mean(ref_times))
     n = args.scales * args.boxes

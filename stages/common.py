@@ -59,6 +59,14 @@ def pick_device(name: str | None) -> "torch.device":
     return torch.device(name)
 
 
+def method_options(func):
+    """``--method`` and ``--ranker`` of the commands that read final boxes (evaluate, export):
+    a stored method name, or ``rank`` with its ranker (:func:`method_name` reads the pair)."""
+    func = click.option("--ranker", default=None, help="Ranker name (for --method rank).")(func)
+    return click.option("--method", required=True,
+                        help="single, multi, oracle, ensemble, imported, rank (with --ranker) or rank-RNAME.")(func)
+
+
 def read_gt(layout: Layout, dataset: str) -> tuple[Path, pd.DataFrame]:
     """(path, gt table) of ``dataset``; MissingInputError when it was not indexed."""
     path = layout.gt(dataset)

@@ -18,7 +18,7 @@ from pipeline.metrics import SUBSETS, WiderFaceEval
 from pipeline.atomic_io import atomic_output, write_text_atomic
 from pipeline.provenance import provenance
 from pipeline.tables import read_metadata, read_table, write_table
-from stages.common import method_name, read_gt
+from stages.common import method_name, method_options, read_gt
 from stages.layout import Layout, data_dir_option
 
 
@@ -57,9 +57,8 @@ def text_report(result: dict) -> str:
 @click.command("evaluate")
 @click.option("--dataset", required=True, help="Dataset name (its gt table must exist).")
 @click.option("--detector", required=True, help="Detector name.")
-@click.option("--method", required=True, help="single, multi, oracle, imported, rank (with --ranker) or rank-RNAME.")
+@method_options
 @click.option("--scales", default="original", show_default=True, help="Scale set of the final boxes.")
-@click.option("--ranker", default=None, help="Ranker name (for --method rank).")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True, help="What to print.")
 @data_dir_option
 def cli(dataset: str, detector: str, method: str, scales: str, ranker: str | None, fmt: str, data_dir: Path) -> None:

@@ -23,7 +23,7 @@ from pipeline.errors import ConfrankError, FormatError, MissingInputError
 from pipeline.provenance import provenance
 from pipeline.tables import read_table, shard_members, write_table
 from pipeline.submission import format_submission, parse_submission, submission_frame
-from stages.common import DETECTION_SORT, method_name
+from stages.common import DETECTION_SORT, method_name, method_options
 from stages.layout import Layout, data_dir_option
 
 IMPORTED = "imported"
@@ -121,9 +121,8 @@ def write_submission_folder(final: pd.DataFrame, image_ids: list[str], folder: P
 @click.command("export")
 @click.option("--dataset", required=True, help="Dataset name.")
 @click.option("--detector", required=True, help="Detector name.")
-@click.option("--method", required=True, help="single, multi, oracle, imported, rank (with --ranker) or rank-RNAME.")
+@method_options
 @click.option("--scales", default="original", show_default=True, help="Scale set of the final boxes.")
-@click.option("--ranker", default=None, help="Ranker name (for --method rank).")
 @click.option("--txt", "txt_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write.")
 @click.option("--force", is_flag=True, help="Replace the folder if it exists.")
 @data_dir_option

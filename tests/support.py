@@ -4,6 +4,8 @@ where ../shared lives, skip-or-fail when it is absent, confrank in this process,
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -51,3 +53,25 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def kill_when_reached(command: list[str], env: dict[str, str], what: str) -> None:
+    """Start ``command``, a child that prints ``confrank-test: reached`` to stderr at a hook,
+    and SIGKILL it there; the test fails when the child ends before, naming ``what``."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in proc.stderr:
+            if line.startswith("confrank-test: reached"):
+                break
+        else:
+            proc.wait()
+            pytest.fail(f"{what} ended (exit {proc.returncode}) before reaching its hook: {proc.stdout.read()}")
+        assert proc.poll() is None
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()

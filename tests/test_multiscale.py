@@ -26,7 +26,7 @@ from stages.cli import main
 from pipeline.tables import read_table, shard_paths
 from stages.layout import Layout
 from tests.support import need_shared, one_thread, run_cli
-from tests.widerface_reference import bbox_overlaps_numpy
+from tests.widerface_reference import bbox_overlaps_numpy, bbox_vote
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multiscale")]
 
@@ -83,29 +83,6 @@ def test_every_view_of_a_non_square_image_lands_on_its_faces(few):
                                            faces[["x1", "y1", "x2", "y2"]].to_numpy(np.float64))
             on_faces = (overlaps.max(axis=1) >= 0.5).mean() if len(confident) else 0.0
             assert on_faces >= MIN_ON_FACES, (image_id, scale, flip, len(confident), on_faces)
-
-
-def bbox_vote(det: np.ndarray, thr: float = 0.4, keep: int = 750) -> np.ndarray:
-    """The RetinaFace ``bbox_vote`` loop (``test_widerface.py`` of the Pytorch_Retinaface
-    repository) on an (N, 5) ``x1 y1 x2 y2 score`` array, with a stable score sort in place of
-    its ``argsort()[::-1]`` so that equal scores keep the shard's row order."""
-    det = det[np.argsort(-det[:, 4], kind="stable")]
-    out = []
-    while det.shape[0] > 0:
-        area = (det[:, 2] - det[:, 0] + 1) * (det[:, 3] - det[:, 1] + 1)
-        xx1, yy1 = np.maximum(det[0, 0], det[:, 0]), np.maximum(det[0, 1], det[:, 1])
-        xx2, yy2 = np.minimum(det[0, 2], det[:, 2]), np.minimum(det[0, 3], det[:, 3])
-        inter = np.maximum(0.0, xx2 - xx1 + 1) * np.maximum(0.0, yy2 - yy1 + 1)
-        o = inter / (area[0] + area[:] - inter)
-        merge = np.where(o >= thr)[0]
-        accu = det[merge, :]
-        det = np.delete(det, merge, 0)
-        if merge.shape[0] <= 1:
-            if det.shape[0] == 0:
-                out.append(accu[0])
-            continue
-        out.append(np.r_[(accu[:, :4] * accu[:, 4:]).sum(0) / accu[:, 4].sum(), accu[:, 4].max()])
-    return np.array(out).reshape(-1, 5)[:keep]
 
 
 def by_score(boxes: np.ndarray) -> np.ndarray:

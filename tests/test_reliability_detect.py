@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from pipeline.scales import scale_set
 from pipeline.tables import read_table, shard_paths
 from stages.detect import run_detect
 from stages.layout import Layout
-from tests.support import ROOT, need_shared
+from tests.support import ROOT, kill_when_reached, need_shared
 
 DETECTOR, SCALES, SHARD = "slim", "original", (0, 8)
 DETECT_ARGS = ["detect", "--dataset", "w416", "--detector", DETECTOR, "--scales", SCALES,
@@ -104,24 +103,8 @@ def reference(tmp_path, capsys, weights_dir, monkeypatch, one_torch_thread) -> b
 
 def kill_at(hook: str, data: Path, weights: Path) -> None:
     """Start `confrank detect` in a child process and SIGKILL it once it reaches ``hook``."""
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, hook, *DETECT_ARGS, "--data-dir", str(data)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(weights))
-    try:
-        for line in proc.stderr:
-            if line.startswith("confrank-test: reached"):
-                break
-        else:
-            proc.wait()
-            pytest.fail(f"the run ended (exit {proc.returncode}) before reaching {hook}: {proc.stdout.read()}")
-        assert proc.poll() is None
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+    kill_when_reached([sys.executable, "-c", CHILD, hook, *DETECT_ARGS, "--data-dir", str(data)],
+                      child_env(weights), f"detect (hook {hook})")
 
 
 def rerun_by_hand(data: Path, weights: Path) -> str:

@@ -9,7 +9,6 @@ shards of test_ranker_train.py: 6 steps, a checkpoint every 2.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 
 from stages.cli import main
 from stages.layout import Layout
-from tests.support import ROOT
+from tests.support import ROOT, kill_when_reached
 from tests.test_ranker_train import make_dataset
 
 ITERATIONS, EVERY = 6, 2
@@ -79,23 +78,7 @@ def env() -> dict[str, str]:
 
 
 def kill_at(hook: str, at: int, data: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, hook, str(at), *train_args(data)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
-    try:
-        for line in proc.stderr:
-            if line.startswith("confrank-test: reached"):
-                break
-        else:
-            proc.wait()
-            pytest.fail(f"train ended (exit {proc.returncode}) before {hook} {at}: {proc.stdout.read()}")
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+    kill_when_reached([sys.executable, "-c", CHILD, hook, str(at), *train_args(data)], env(), f"train (hook {hook} {at})")
 
 
 def train_by_hand(data: Path) -> str:

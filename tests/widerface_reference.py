@@ -174,3 +174,27 @@ def gt_from_table(gt) -> dict:
         keep = {s: np.flatnonzero(g[s].to_numpy(bool)) + 1 for s in ("easy", "medium", "hard")}
         out[str(image_id)] = (boxes, keep)
     return out
+
+
+def bbox_vote(det: np.ndarray, thr: float = 0.4, keep: int = 750) -> np.ndarray:
+    """The RetinaFace ``bbox_vote`` loop (the reference of box voting for tests/test_multiscale.py and
+    bench/nms.py) (``test_widerface.py`` of the
+    Pytorch_Retinaface repository) on an (N, 5) ``x1 y1 x2 y2 score`` array, with a stable score sort in place of
+    its ``argsort()[::-1]`` so that equal scores keep the shard's row order."""
+    det = det[np.argsort(-det[:, 4], kind="stable")]
+    out = []
+    while det.shape[0] > 0:
+        area = (det[:, 2] - det[:, 0] + 1) * (det[:, 3] - det[:, 1] + 1)
+        xx1, yy1 = np.maximum(det[0, 0], det[:, 0]), np.maximum(det[0, 1], det[:, 1])
+        xx2, yy2 = np.minimum(det[0, 2], det[:, 2]), np.minimum(det[0, 3], det[:, 3])
+        inter = np.maximum(0.0, xx2 - xx1 + 1) * np.maximum(0.0, yy2 - yy1 + 1)
+        o = inter / (area[0] + area[:] - inter)
+        merge = np.where(o >= thr)[0]
+        accu = det[merge, :]
+        det = np.delete(det, merge, 0)
+        if merge.shape[0] <= 1:
+            if det.shape[0] == 0:
+                out.append(accu[0])
+            continue
+        out.append(np.r_[(accu[:, :4] * accu[:, 4:]).sum(0) / accu[:, 4].sum(), accu[:, 4].max()])
+    return np.array(out).reshape(-1, 5)[:keep]
