@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from tests.widerface_reference import bbox_overlaps, evaluation, gt_from_table
+from tests.widerface_reference import bbox_overlaps, evaluation, gt_from_table, preds_from_table
 
 from pipeline.metrics import WiderFaceEval, evaluate_widerface, iou_plus_one, normalise_scores
 from pipeline.submission import parse_submission, submission_frame
@@ -116,11 +116,7 @@ def _random_case(seed: int):
 def test_random_cases_equal_the_reference(seed):
     gt, dets = _random_case(seed)
     dets = dets.iloc[np.lexsort((-dets["score"].to_numpy(), dets["image_id"].to_numpy()))]
-    preds = {}
-    for image, g in dets.groupby("image_id", sort=False):
-        b = g[["x1", "y1", "x2", "y2", "score"]].to_numpy(np.float64).copy()
-        b[:, 2:4] -= b[:, :2]
-        preds[image] = b
+    preds = preds_from_table(dets)
     for iou in (0.5, 0.7):
         want = evaluation({k: v.copy() for k, v in preds.items()}, gt_from_table(gt), iou)
         e = WiderFaceEval(gt, dets).evaluate()
@@ -140,11 +136,7 @@ def test_ap_50_95_and_ap_by_attribute_equal_the_reference_on_their_keep_lists():
     for attr, n in values.items():
         gt[attr] = rng.integers(0, n, len(gt))
     dets = dets.iloc[np.lexsort((-dets["score"].to_numpy(), dets["image_id"].to_numpy()))]
-    preds = {}
-    for image, g in dets.groupby("image_id", sort=False):
-        b = g[["x1", "y1", "x2", "y2", "score"]].to_numpy(np.float64).copy()
-        b[:, 2:4] -= b[:, :2]
-        preds[image] = b
+    preds = preds_from_table(dets)
 
     def reference(keep_lists: dict[str, np.ndarray], iou: float = 0.5) -> dict[str, float]:
         table = gt.drop(columns=list(SUBSETS)).assign(**{s: keep_lists[s] for s in SUBSETS})

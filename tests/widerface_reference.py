@@ -165,6 +165,17 @@ def evaluation(preds, gt, iou_thresh=0.5, settings=("easy", "medium", "hard"), o
     return aps
 
 
+def preds_from_table(dets) -> dict:
+    """The reference's ``preds`` mapping from a detections/final table, in the table's row
+    order (x2 - x1 back to w, float64)."""
+    preds = {}
+    for image, g in dets.groupby("image_id", sort=False):
+        b = g[["x1", "y1", "x2", "y2", "score"]].to_numpy(np.float64).copy()
+        b[:, 2:4] -= b[:, :2]
+        preds[image] = b
+    return preds
+
+
 def gt_from_table(gt) -> dict:
     """The reference's ``gt`` mapping from a ``gt`` table (x2 - x1 back to w)."""
     out = {}
