@@ -48,14 +48,15 @@ def method_name(method: str, ranker: str | None) -> str:
 
 
 def pick_device(name: str | None) -> "torch.device":
-    """``cuda`` when asked (error if absent), else ``cpu``; default (None): cuda when available.
-    torch is imported here, not with this module (the light commands never call this)."""
+    """The torch device of a ``--device`` value: ``cpu``, ``cuda`` or ``cuda:N`` (error when no
+    GPU is there); ``auto`` or None: cuda when available, else cpu. torch is imported here,
+    not with this module (the light commands never call this)."""
     import torch
 
-    if name is None:
+    if name in (None, "auto"):
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfrankError("--device cuda: no CUDA device is available here; use --device cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfrankError(f"--device {name}: no CUDA device is available here; use --device cpu")
     return torch.device(name)
 
 

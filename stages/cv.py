@@ -36,10 +36,10 @@ from pipeline.ranker.folds import assign_folds
 from pipeline.ranker.gbm import GbmConfig
 from pipeline.atomic_io import write_text_atomic
 from pipeline.tables import read_table, read_tables, write_table
-from stages.common import parse_names, read_gt, require_shards
+from stages.common import parse_names, pick_device, read_gt, require_shards
 from stages.featurestore import ensure_features, feature_shards
 from stages.layout import Layout, data_dir_option
-from stages.rankers import (gbm_rank_frame, load_images_table, load_ranker, pick_device, ranker_options, ranker_settings,
+from stages.rankers import (gbm_rank_frame, load_images_table, load_ranker, ranker_options, ranker_settings,
                             read_rgb, rerank_frame, train_gbm_ranker, train_ranker)
 
 SUBSETS = ("easy", "medium", "hard")

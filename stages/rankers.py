@@ -41,7 +41,7 @@ from pipeline.ranker.train import Trainer, TrainConfig
 from pipeline.atomic_io import atomic_output, write_text_atomic
 from pipeline.provenance import provenance
 from pipeline.tables import read_metadata, read_table, read_tables, shard_paths, write_table
-from stages.common import parse_names
+from stages.common import parse_names, pick_device
 from stages.featurestore import feature_shards
 from stages.layout import Layout
 
@@ -50,15 +50,6 @@ CHECKPOINT_FORMAT = "confrank-ranker-checkpoint"
 LOSS_ALIASES = {"pairwise": "pairwise", "rank": "pairwise", "ce": "ce", "l1": "l1", "l2": "l2",
                 "smoothl1": "smoothl1", "smooth-l1": "smoothl1"}
 ORACLE_COLUMNS = ["image_id", "detector", "scale", "flip", "x1", "y1", "x2", "y2", "score", "oracle_iou"]
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfrankError(f"--device {name}: no CUDA device is available")
-    return torch.device(name)
 
 
 class ImageReader:

@@ -30,7 +30,8 @@ from pipeline.tables import read_table, shard_paths, write_table
 from pipeline.errors import MissingInputError
 from stages.featurestore import feature_shards
 from stages.layout import Layout, data_dir_option
-from stages.rankers import gbm_rank_frame, load_images_table, load_ranker, pick_device, read_rgb, rerank_frame
+from stages.common import pick_device
+from stages.rankers import gbm_rank_frame, load_images_table, load_ranker, read_rgb, rerank_frame
 
 
 def run_rerank(layout: Layout, dataset: str, detector: str, scales: str, ranker: str,
