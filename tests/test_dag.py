@@ -193,6 +193,23 @@ def test_slurm_profile_plans_gpu_and_cpu_jobs(tmp_path: Path):
         assert jobs[cpu_rule]["threads"] == "8"
 
 
+def test_cv_config_plans_features_cv_and_summary(tmp_path: Path):
+    config = yaml.safe_load((ROOT / "config" / "cv.yaml").read_text())
+    write_config(tmp_path, config)
+    out = snakemake(tmp_path, "-n", "-p", "cv_all")
+    jobs = planned_jobs(out)
+    counts = {rule: sum(j["rule"] == rule for j in jobs) for rule in ("features", "cv", "cv_summary", "detect", "train")}
+    # 4 pool datasets x 3 detectors, one job per variant, no train job (cv trains its own folds)
+    assert counts == {"features": 12, "cv": len(config["cv"]["pool"]["variants"]), "cv_summary": 1, "detect": 12, "train": 0}
+    commands = [line for line in out.splitlines() if "confrank cv run" in line]
+    cpu = next(c for c in commands if "--variant cpu " in c)
+    assert "--preset cpu" in cpu and "--evidence retinaface-mnet025,slim,rfb" in cpu and "--folds 5" in cpu
+    lodo = next(c for c in commands if "--variant cpu-without-slim " in c)
+    assert "--detectors slim " in lodo and "--train-detectors retinaface-mnet025,rfb" in lodo
+    network = next(c for c in commands if "--variant paper-mobilenet " in c)
+    assert "--preset paper" in network and "--evidence" not in network
+
+
 def assert_by_hand_detect_skips(data: Path) -> None:
     """The shards snakemake wrote are up to date for the same command run by hand, from
     another folder and without the rule name: both use the same code hash (the rule's
