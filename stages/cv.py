@@ -123,7 +123,11 @@ def run_cv(layout: Layout, name: str, variant: str, pool: list[str], detectors: 
            workers: int = 0, batch_size: int = 8) -> pd.DataFrame:
     """Cross-validate one ranker setting; writes and returns the variant's per-fold APs."""
     kind, model_cfg, train_cfg = ranker_settings(options)
-    evidence = model_cfg.evidence if isinstance(model_cfg, GbmConfig) else tuple(parse_names(options["evidence"])) if options["evidence"] else ()
+    # a feature ranker's evidence set; a network variant given --evidence still gets the ensemble row
+    if isinstance(model_cfg, GbmConfig):
+        evidence = model_cfg.evidence
+    else:
+        evidence = tuple(parse_names(options["evidence"])) if options["evidence"] else ()
     assignment = pool_folds(layout, pool, folds)
     if evidence:  # every fold reads the same features: compute each detector's once, as `confrank features`
         for dataset in pool:
