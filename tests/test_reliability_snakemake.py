@@ -91,7 +91,7 @@ def test_killed_snakemake_run_completes_with_rerun_incomplete(tmp_path, weights_
     log = killed / "logs" / "detect" / DATASET / "slim" / SCALES / "part-0.log"
 
     sources = code_version.__wrapped__()  # uncached: the hash of pipeline/ and stages/ now
-    proc = snakemake(killed, "detect", start_new_session=True)
+    proc = snakemake(killed, "detect_all", start_new_session=True)
     try:
         deadline = time.monotonic() + 240
         while not (log.exists() and detecting(proc.pid)) and proc.poll() is None and time.monotonic() < deadline:
@@ -112,7 +112,7 @@ def test_killed_snakemake_run_completes_with_rerun_incomplete(tmp_path, weights_
     unlock = snakemake(killed, "--unlock")
     assert unlock.wait(timeout=120) == 0, unlock.stdout.read()
     unlock.stdout.close()
-    rerun = snakemake(killed, "--rerun-incomplete", "detect")
+    rerun = snakemake(killed, "--rerun-incomplete", "detect_all")
     out, _ = rerun.communicate(timeout=400)
     assert rerun.returncode == 0, out
     assert "steps (100%) done" in out
