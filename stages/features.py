@@ -9,8 +9,10 @@ training-free baseline: mean of the box's score and the best overlapping score o
 detector). ``confrank nms --method ensemble`` fuses on ``ensemble_score``; the feature ranker
 (``confrank train --model gbm``) trains on and re-scores with the feature columns.
 
-The evidence set is recorded in the shards' metadata; train and rerank refuse shards made
-with another set. Features depend only on boxes and scores: no image is decoded.
+The evidence set and every input's sha256 are recorded in the shards' metadata; train,
+rerank, nms and cv use a cached shard only when it was made from the current source shard
+with the same evidence set, and compute the same features on the fly otherwise
+(``stages/featurestore.py``). Features depend only on boxes and scores: no image is decoded.
 """
 
 from __future__ import annotations
