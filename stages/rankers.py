@@ -6,7 +6,7 @@ Two kinds of ranker:
   loop of :func:`train_ranker` on oracle shards (and images for the image branch);
 - **gbm**, the feature ranker (``pipeline.ranker.gbm``): gradient-boosted trees on the
   per-box features of ``pipeline.ranker.features``, trained by :func:`train_gbm_ranker` in
-  seconds; its features come from ``confrank features`` shards or are computed on the fly.
+  minutes on a CPU; its features come from ``confrank features`` shards or are computed on the fly.
 
 Both write ``model.pt`` (``{"format": ...}`` dicts of plain types and tensors, loaded with
 ``weights_only=True``), ``train_log.parquet``, ``loss.png`` and ``train_images.txt`` into the

@@ -15,7 +15,7 @@ in its provenance, or absolute). Writes ``DATA/processed/rankers/RNAME/``:
 
 ``--model gbm`` trains the feature ranker instead (``stages/rankers.py``): LightGBM on the
 per-box features of ``confrank features`` shards (computed on the fly when there are none),
-no checkpoint (it trains in seconds); ``--preset NAME`` fills every ranker option from
+no checkpoint (it trains in minutes); ``--preset NAME`` fills every ranker option from
 ``config/presets/NAME.yaml``.
 """
 
