@@ -30,7 +30,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from pipeline.config import PRESET_DIR as CONFIG_PRESET_DIR
+from pipeline.config import PRESET_DIR
 from pipeline.errors import ConfrankError, FormatError, MissingInputError
 from pipeline.imaging import decode_image
 from pipeline.ranker.data import BoxGroup, RankerDataset, TrainImage, box_groups, box_matrix, letterbox, split_half
@@ -443,10 +443,6 @@ def gbm_rank_frame(frame: pd.DataFrame, booster, config: GbmConfig) -> pd.DataFr
 
 
 # ----------------------------------------------------------------------------- presets and options
-
-#: preset files: ``--preset NAME`` reads ``PRESET_DIR/NAME.yaml`` (or a path to a .yaml file)
-PRESET_DIR = CONFIG_PRESET_DIR
-
 
 def preset_path(value: str) -> Path:
     """The file of preset ``value`` (a name in :data:`PRESET_DIR` or a path to a .yaml file)."""

@@ -19,7 +19,8 @@ from stages import rerank as rerank_stage
 from stages import train as train_stage
 from stages.featurestore import compute_features, feature_shards
 from stages.layout import Layout
-from stages.rankers import PRESET_DIR, ranker_settings
+from pipeline.config import PRESET_DIR
+from stages.rankers import ranker_settings
 
 DETECTORS = ("detA", "detB")
 EVIDENCE = "detA,detB"
