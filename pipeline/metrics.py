@@ -23,8 +23,9 @@ with no predictions. On sorted input (every real submission) the port and this m
 
 The work is split as in pycocotools' COCOeval: :meth:`WiderFaceEval.evaluate` matches every
 detection once (IoU with all faces of its image, cached), :meth:`WiderFaceEval.accumulate`
-turns the matches into PR curves for any keep list and IoU threshold with one sort and
-cumulative sums (no per-threshold loop), and :meth:`WiderFaceEval.summarize` reports APs.
+turns the matches into PR curves for any keep list and IoU threshold with counts and
+cumulative sums (no per-threshold or per-face loop), and :meth:`WiderFaceEval.summarize`
+reports APs.
 
 Boxes are ``x1, y1, x2, y2`` in original-image pixels (WiderFace ``x2 = x + w``).
 """
@@ -89,6 +90,23 @@ def iou_plus_one(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
     return iou
 
 
+def _previous_best(face: np.ndarray, iou: np.ndarray) -> np.ndarray:
+    """For each detection, the highest ``iou`` among the earlier ones (by position) with the
+    same ``face``; -1 when there is none or ``face`` is -1. (D,) float64."""
+    out = np.full(len(face), -1.0)
+    idx = np.flatnonzero(face >= 0)
+    idx = idx[np.argsort(face[idx], kind="stable")]  # by face, evaluation order within a face
+    if not len(idx):
+        return out
+    f = face[idx]
+    start = np.r_[True, f[1:] != f[:-1]]
+    running = pd.Series(iou[idx]).groupby(f, sort=False).cummax().to_numpy()  # exact, per face
+    previous = np.r_[-1.0, running[:-1]]
+    previous[start] = -1.0
+    out[idx] = previous
+    return out
+
+
 def voc_ap(recall: np.ndarray, precision: np.ndarray) -> float:
     """Area under the precision envelope (the port's ``voc_ap``; NaN precision propagates)."""
     mrec = np.concatenate(([0.0], recall, [1.0]))
@@ -115,7 +133,12 @@ class Matches:
     image: (D,) int image index into ``image_ids``; score: (D,) raw score, float64;
     norm_score: (D,) normalised score; iou: (D,) highest IoU with a face of the image (0
     when the image has no faces); face: (D,) row of that face in the gt table (-1 when none);
-    in_gt: (D,) the image has ground-truth faces (WiderFace skips the others entirely).
+    in_gt: (D,) the image has ground-truth faces (WiderFace skips the others entirely);
+    prev_iou: (D,) highest ``iou`` of the earlier detections (in evaluation order) matched
+    to the same face, -1 when none: a detection recalls its face at IoU threshold t exactly
+    when ``prev_iou < t <= iou``, so no threshold needs its own pass over the faces;
+    first: (D,) index of the first of the descending score thresholds the normalised score
+    passes (``n_thresholds`` when it passes none, NaN included).
     """
 
     image: np.ndarray
@@ -124,6 +147,8 @@ class Matches:
     iou: np.ndarray
     face: np.ndarray
     in_gt: np.ndarray
+    prev_iou: np.ndarray
+    first: np.ndarray
 
 
 @dataclass
@@ -138,6 +163,7 @@ class WiderFaceEval:
     dets: pd.DataFrame
     n_thresholds: int = N_THRESHOLDS
     matches: Matches | None = field(default=None, init=False)
+    _subset_curves: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.gt = self.gt.reset_index(drop=True)
@@ -177,23 +203,34 @@ class WiderFaceEval:
             best = overlaps.argmax(axis=1)
             iou[lo:hi] = overlaps[np.arange(hi - lo), best]
             face[lo:hi] = g0 + best
-        self.matches = Matches(det_image, score, normalise_scores(score), iou, face, has_gt[det_image])
+        norm = normalise_scores(score)
+        self.matches = Matches(det_image, score, norm, iou, face, has_gt[det_image],
+                               _previous_best(face, iou), self._first_threshold(norm))
         return self
+
+    def _first_threshold(self, norm_score: np.ndarray) -> np.ndarray:
+        """Index of the first threshold each normalised score passes (score >= threshold);
+        ``n_thresholds`` for a score that passes none (NaN included)."""
+        thresholds = score_thresholds(self.n_thresholds)
+        passed = np.searchsorted(thresholds[::-1], norm_score, side="right")
+        passed[np.isnan(norm_score)] = 0
+        return self.n_thresholds - passed
 
     # -------------------------------------------------------------- accumulate (curves)
 
     def _flags(self, keep: np.ndarray, iou_threshold: float) -> tuple[np.ndarray, np.ndarray]:
-        """(proposal, true positive) flags per detection for a keep list and IoU threshold."""
+        """(proposal, true positive) flags per detection for a keep list and IoU threshold.
+
+        A matched detection of a kept face recalls it when no earlier detection of that face
+        reached the threshold; one of a face outside the keep list is no proposal.
+        """
         m = self.matches
         keep = keep[self._order]
         matched = m.iou >= iou_threshold
         face_kept = np.zeros(len(m.face), dtype=bool)
         face_kept[matched] = keep[m.face[matched]]
         proposal = ~(matched & ~face_kept)
-        candidates = np.flatnonzero(matched & face_kept)
-        _, first = np.unique(m.face[candidates], return_index=True)
-        tp = np.zeros(len(m.face), dtype=bool)
-        tp[candidates[first]] = True
+        tp = matched & face_kept & (m.prev_iou < iou_threshold)
         return proposal, tp
 
     def widerface_curve(self, keep: np.ndarray, iou_threshold: float = 0.5) -> Curve:
@@ -203,13 +240,9 @@ class WiderFaceEval:
         m = self.matches
         proposal, tp = self._flags(np.asarray(keep, dtype=bool), iou_threshold)
         thresholds = score_thresholds(self.n_thresholds)
-        # number of thresholds each detection passes (score >= threshold); NaN passes none
-        passed = np.searchsorted(thresholds[::-1], m.norm_score, side="right")
-        passed[np.isnan(m.norm_score)] = 0
-        first = self.n_thresholds - passed
-        use = m.in_gt & (passed > 0)
-        n_prop = np.cumsum(np.bincount(first[use & proposal], minlength=self.n_thresholds + 1)[:-1]).astype(np.float64)
-        n_tp = np.cumsum(np.bincount(first[use & tp], minlength=self.n_thresholds + 1)[:-1]).astype(np.float64)
+        # per threshold: the detections whose score first passes it, then cumulative counts
+        n_prop = np.cumsum(np.bincount(m.first[m.in_gt & proposal], minlength=self.n_thresholds + 1)[:-1]).astype(np.float64)
+        n_tp = np.cumsum(np.bincount(m.first[m.in_gt & tp], minlength=self.n_thresholds + 1)[:-1]).astype(np.float64)
         count_face = float(np.count_nonzero(keep))
         with np.errstate(divide="ignore", invalid="ignore"):
             precision = n_tp / n_prop
@@ -244,6 +277,21 @@ class WiderFaceEval:
         """True when the ground truth carries easy/medium/hard keep lists."""
         return all(s in self.gt for s in SUBSETS) and bool(self.gt[list(SUBSETS)].to_numpy().any())
 
+    def voc_all_curve(self) -> Curve:
+        """:meth:`voc_curve` over every face not marked ``ignore``; computed once."""
+        if "voc" not in self._subset_curves:
+            keep_all = ~self.gt["ignore"].to_numpy(bool) if "ignore" in self.gt else None
+            self._subset_curves["voc"] = self.voc_curve(keep_all)
+        return self._subset_curves["voc"]
+
+    def subset_curve(self, subset: str, iou_threshold: float = 0.5) -> Curve:
+        """:meth:`widerface_curve` of a subset's keep list, computed once per (subset, IoU)
+        and shared by :meth:`summarize` and :meth:`pr_table`."""
+        key = (subset, float(iou_threshold))
+        if key not in self._subset_curves:
+            self._subset_curves[key] = self.widerface_curve(self.keep_mask(subset), iou_threshold)
+        return self._subset_curves[key]
+
     def keep_mask(self, subset: str) -> np.ndarray:
         """The keep list of ``subset`` as a bool per gt row."""
         return self.gt[subset].to_numpy(bool)
@@ -273,14 +321,11 @@ class WiderFaceEval:
             self.evaluate()
         result: dict = {"n_images": int(len(self.gt["image_id"].unique())), "n_faces": int(len(self.gt)),
                         "n_detections": int(len(self.matches.score))}
-        keep_all = ~self.gt["ignore"].to_numpy(bool) if "ignore" in self.gt else None
-        result["voc_ap"] = self.voc_curve(keep_all).ap
+        result["voc_ap"] = self.voc_all_curve().ap
         if not self.has_subsets():
             return result
-        result["ap"] = {s: self.widerface_curve(self.keep_mask(s)).ap for s in SUBSETS}
-        result["ap_50_95"] = {
-            s: float(np.mean([self.widerface_curve(self.keep_mask(s), t).ap for t in ious])) for s in SUBSETS
-        }
+        result["ap"] = {s: self.subset_curve(s).ap for s in SUBSETS}
+        result["ap_50_95"] = {s: float(np.mean([self.subset_curve(s, t).ap for t in ious])) for s in SUBSETS}
         result["ap_by_attribute"] = {
             attr: {v: self.widerface_curve(mask).ap for v, mask in masks.items()}
             for attr, masks in self.attribute_masks().items()
@@ -293,10 +338,9 @@ class WiderFaceEval:
         One row per subset, IoU and score threshold (``voc`` rows: one per ranked detection).
         """
         frames = []
-        keep_all = ~self.gt["ignore"].to_numpy(bool) if "ignore" in self.gt else None
-        curves = [("voc", 0.5, self.voc_curve(keep_all))]
+        curves = [("voc", 0.5, self.voc_all_curve())]
         if self.has_subsets():
-            curves += [(s, t, self.widerface_curve(self.keep_mask(s), t)) for s in SUBSETS for t in ious]
+            curves += [(s, t, self.subset_curve(s, t)) for s in SUBSETS for t in ious]
         for subset, iou, c in curves:
             frames.append(pd.DataFrame({"subset": subset, "iou": np.float32(iou), "threshold": c.threshold.astype(np.float32),
                                         "recall": c.recall, "precision": c.precision}))

@@ -64,5 +64,5 @@ rule evaluate:
         confrank(
             "evaluate",
             "evaluate --dataset {wildcards.dataset} --detector {wildcards.detector} --scales {wildcards.scales}"
-            " {params.method} --format json",
+            " {params.method} --format json --plot",
         )

@@ -2,8 +2,10 @@
 
 Reads ``Layout.final`` and the ``gt`` table (no images needed) and writes
 ``Layout.metrics`` (JSON: APs, counts, the NMS settings and score transform of the boxes,
-provenance), ``Layout.pr_curves`` (``pr`` table) and ``Layout.pr_plot`` (PNG: one panel per
-subset, AP in the legend).
+provenance), ``Layout.pr_curves`` (``pr`` table) and, with ``--plot``, ``Layout.pr_plot``
+(PNG: one panel per subset, AP in the legend; the DAG asks for it). Drawing costs more than
+the evaluation itself (matplotlib), so a hand run leaves it out unless asked; the HTML report
+draws the same curves from the ``pr`` table.
 """
 
 from __future__ import annotations
@@ -24,13 +26,11 @@ from stages.layout import Layout, data_dir_option
 
 def plot_curves(pr, title: str, aps: dict[str, float], path: Path) -> None:
     """PR curves at IoU 0.5, one panel per subset (or one VOC panel), AP in the legend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: nothing global, no GUI backend
 
     subsets = [s for s in SUBSETS if s in aps] or ["voc"]
-    fig, axes = plt.subplots(1, len(subsets), figsize=(4.2 * len(subsets), 4), squeeze=False)
+    fig = Figure(figsize=(4.2 * len(subsets), 4))
+    axes = fig.subplots(1, len(subsets), squeeze=False)
     for ax, subset in zip(axes[0], subsets):
         rows = pr[(pr["subset"] == subset) & (abs(pr["iou"] - 0.5) < 1e-6)]
         ax.plot(rows["recall"], rows["precision"], lw=2, label=f"{title} ({aps[subset]:.3f})")
@@ -40,7 +40,6 @@ def plot_curves(pr, title: str, aps: dict[str, float], path: Path) -> None:
     fig.tight_layout()
     with atomic_output(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None})
-    plt.close(fig)
 
 
 def text_report(result: dict) -> str:
@@ -60,8 +59,11 @@ def text_report(result: dict) -> str:
 @method_options
 @click.option("--scales", default="original", show_default=True, help="Scale set of the final boxes.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True, help="What to print.")
+@click.option("--plot/--no-plot", default=False, show_default=True,
+              help="Also draw the PR curves as a PNG next to the metrics (about 0.5 s more).")
 @data_dir_option
-def cli(dataset: str, detector: str, method: str, scales: str, ranker: str | None, fmt: str, data_dir: Path) -> None:
+def cli(dataset: str, detector: str, method: str, scales: str, ranker: str | None, fmt: str, plot: bool,
+        data_dir: Path) -> None:
     """WiderFace AP (easy/medium/hard), AP@[.5:.95], VOC AP, AP by attribute, PR curves."""
     layout = Layout(data_dir)
     name = method_name(method, ranker)
@@ -79,7 +81,8 @@ def cli(dataset: str, detector: str, method: str, scales: str, ranker: str | Non
     meta = provenance("evaluate", {k: result[k] for k in ("dataset", "detector", "scales", "method")}, inputs=[final_path, gt_path])
     pr = evaluation.pr_table()
     write_table(pr, layout.pr_curves(dataset, detector, scales, name), "pr", metadata=meta)
-    aps = dict(result.get("ap", {})) or {"voc": result["voc_ap"]}
-    plot_curves(pr, f"{detector} {name}", aps, layout.pr_plot(dataset, detector, scales, name))
+    if plot:
+        aps = dict(result.get("ap", {})) or {"voc": result["voc_ap"]}
+        plot_curves(pr, f"{detector} {name}", aps, layout.pr_plot(dataset, detector, scales, name))
     write_text_atomic(layout.metrics(dataset, detector, scales, name), json.dumps({**result, "provenance": meta}, indent=2, sort_keys=True) + "\n")
     click.echo(json.dumps(result, sort_keys=True) if fmt == "json" else text_report(result))

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tests.widerface_reference import bbox_overlaps, evaluation, gt_from_table, preds_from_table
 
 from pipeline.metrics import WiderFaceEval, evaluate_widerface, iou_plus_one, normalise_scores
@@ -229,3 +231,25 @@ def test_voc_ap_without_subsets():
     assert "ap" not in result
     # ranked TP, FP, TP: precision envelope 1 up to recall .5, then 2/3 -> .5 + .5 * 2/3
     assert result["voc_ap"] == pytest.approx(0.5 + 0.5 * 2 / 3)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 12), st.integers(0, 12), st.integers(3, 10), st.sampled_from([0.1, 0.5, 0.9])),
+                min_size=1, max_size=25),
+       st.lists(st.booleans(), min_size=6, max_size=6))
+def test_recall_rule_equals_first_match_per_face_at_every_threshold(dets, kept):
+    """A detection recalls its face at IoU threshold t exactly when it is the first detection
+    of that face (evaluation order) reaching t: the cached rule against a per-threshold pass."""
+    faces = {"a/1": [(0, 0, 9, 9, kept[0]), (6, 0, 15, 9, kept[1]), (0, 6, 9, 15, kept[2])],
+             "a/2": [(2, 2, 11, 11, kept[3]), (4, 4, 13, 13, kept[4]), (20, 20, 29, 29, kept[5])]}
+    rows = [(f"a/{1 + k}", x, y, x + s, y + s, score) for k, x, y, s, score in dets]
+    e = WiderFaceEval(gt_table(faces), dets_table(rows)).evaluate()
+    keep = e.keep_mask("easy")
+    m = e.matches
+    for t in (0.3, 0.5, 0.55, 0.7, 0.9):
+        _, tp = e._flags(keep, t)
+        candidates = np.flatnonzero((m.iou >= t) & (m.face >= 0) & keep[e._order][np.maximum(m.face, 0)])
+        _, first = np.unique(m.face[candidates], return_index=True)
+        want = np.zeros(len(m.face), dtype=bool)
+        want[candidates[first]] = True
+        assert tp.tolist() == want.tolist()

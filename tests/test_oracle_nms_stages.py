@@ -101,7 +101,9 @@ def test_nms_single_multi_oracle_and_evaluate(data, capsys):
     code, out, _ = run_cli(["evaluate", *base, "--scales", "original", "--method", "single", "--format", "json"], capsys)
     result = json.loads(out)
     assert code == 0 and result["method"] == "single" and result["ap"]["hard"] == 1.0
-    assert data.pr_plot("toy", "toy", "original", "single").stat().st_size > 0
+    assert not data.pr_plot("toy", "toy", "original", "single").exists()  # drawn only when asked
+    assert run_cli(["evaluate", *base, "--scales", "original", "--method", "single", "--plot"], capsys)[0] == 0
+    assert data.pr_plot("toy", "toy", "original", "single").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(read_table(data.pr_curves("toy", "toy", "original", "single"), "pr").subset.astype(str)) == {"easy", "medium", "hard", "voc"}
 
     code, _, err = run_cli(["nms", *base, "--scales", "multi", "--method", "single"], capsys)
