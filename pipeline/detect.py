@@ -27,6 +27,7 @@ import torch
 from pipeline.detectors.base import Detector, RawDetections
 from pipeline.errors import ConfrankError
 from pipeline.imaging import resize_tensor
+from pipeline.runtime import release_freed_memory, resident_bytes
 from pipeline.scales import Scale
 from pipeline.tables import BOX_COLUMNS, LANDMARK_COLUMNS, empty_frame
 
@@ -86,6 +87,10 @@ class DetectLoop:
     builds a CPU copy of the detector for images that do not fit in GPU memory even alone
     (built at most once, on first need); without it such an image raises
     :class:`ConfrankError`. ``top_k`` caps the boxes kept per image and scale.
+    ``release_above``: after a network call on the CPU, when this process's resident size is
+    above this many bytes, the heap's freed pages go back to the system
+    (:func:`pipeline.runtime.release_freed_memory`); None never does. Input sizes that change
+    from call to call (8K frames of images of different shapes) otherwise grow the heap.
     """
 
     detector: Detector
@@ -94,6 +99,7 @@ class DetectLoop:
     top_k: int = 5000
     cpu_fallback: Callable[[], Detector] | None = None
     memory: MemoryBudget | None = None
+    release_above: int | None = None
     fallbacks: list[str] = field(default_factory=list)  # "image_id@scale" that ran on the CPU
     _cpu_detector: Detector | None = None
     _warned: set[tuple[int, int]] = field(default_factory=set)
@@ -112,8 +118,16 @@ class DetectLoop:
 
     def run_chunk(self, chunk: Sequence[Decoded]) -> list[_Result]:
         """Every scale of a few images, in the network calls of :meth:`batches`."""
-        return [r for scale in self.scales for size, group in self.batches(chunk, scale)
-                for r in self._run_group(group, scale, size)]
+        results = []
+        for scale in self.scales:
+            for size, group in self.batches(chunk, scale):
+                results += self._run_group(group, scale, size)
+                self._release_if_above()
+        return results
+
+    def _release_if_above(self) -> None:
+        if self.release_above is not None and resident_bytes() > self.release_above:
+            release_freed_memory()
 
     def batches(self, chunk: Sequence[Decoded], scale: Scale) -> list[tuple[tuple[int, int], list[Decoded]]]:
         """The network calls for ``chunk`` at ``scale``: (input size, images of that input

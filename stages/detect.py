@@ -167,8 +167,10 @@ def run_detect(dataset: str, detector_name: str, scales: str, shard: tuple[int, 
     # an image too large for the GPU even alone runs on a CPU copy, built on first need
     fallback = (partial(build_detector, detector_name, weight_files, torch.device("cpu"), "none", False)
                 if device.type == "cuda" else None)
+    budget = memory_budget(device, info.bytes_per_pixel)
+    # on the CPU the heap is handed back when the process holds more than the budget
     loop = DetectLoop(detector, scale_list, batch_size=batch_size, top_k=detector.top_k, cpu_fallback=fallback,
-                      memory=memory_budget(device, info.bytes_per_pixel))
+                      memory=budget, release_above=budget.available if device.type == "cpu" else None)
     detections, latency = loop.run(decoded_images(files, workers, pin=device.type == "cuda"))
     if loop.fallbacks:
         meta = {**meta, "cpu_fallback": loop.fallbacks}
@@ -194,7 +196,7 @@ def run_detect(dataset: str, detector_name: str, scales: str, shard: tuple[int, 
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda when available.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
               help="Most images per network call (equal input sizes only); fewer when they would not "
-                   "fit in 70% of the available RAM (CPU) or free GPU memory (CUDA).")
+                   f"fit in {MEMORY_SHARE:.0%} of the available RAM (CPU) or free GPU memory (CUDA).")
 @click.option("--amp", type=click.Choice(list(AMP_DTYPES)), default="none", show_default=True,
               help="Autocast precision of the network; decoding stays float32.")
 @click.option("--channels-last/--no-channels-last", default=False, show_default=True)

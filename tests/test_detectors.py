@@ -343,6 +343,21 @@ def test_memory_budget_sizes_the_batches(caplog):
     assert detector.calls == [1] * 6 and caplog.text.count("input 20x10 needs about") == 1
 
 
+def test_freed_memory_goes_back_only_above_the_limit(monkeypatch):
+    import pipeline.detect as detect_module
+
+    released = []
+    monkeypatch.setattr(detect_module, "release_freed_memory", lambda: released.append(1) or True)
+    monkeypatch.setattr(detect_module, "resident_bytes", lambda: 5_000)
+    detector = _Recorder("fake", max_batch=99)
+    DetectLoop(detector, [Scale(0), Scale(40)], batch_size=2, release_above=4_999).run(_tiny(3))
+    assert len(released) == len(detector.calls) == 4  # after every network call: 2 chunks x 2 scales
+    released.clear()
+    DetectLoop(detector, [Scale(0)], batch_size=2, release_above=5_000).run(_tiny(3))
+    DetectLoop(detector, [Scale(0)], batch_size=2).run(_tiny(3))
+    assert released == []  # at the limit, or without one: the heap keeps its freed memory
+
+
 def test_oom_retries_one_image_at_a_time(caplog):
     detector = _Recorder("fake", max_batch=1)
     det, lat = DetectLoop(detector, [Scale(0)], batch_size=3).run(_tiny(3))
