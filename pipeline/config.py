@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 import jsonschema
 
-from pipeline.errors import ConfrankError
+from pipeline.errors import ConfrankError, FormatError
 from pipeline.methods import rank, ranker_of
 
 #: scale sets a detector can run at, and whether each is multi-scale (fused by box voting)
@@ -260,11 +260,36 @@ PRESET_DIR = Path(__file__).resolve().parents[1] / "config" / "presets"
 DATA_KEYS = ("datasets", "detectors", "train_detectors", "scales")
 
 
-def read_preset(name: str) -> dict[str, Any]:
-    """The settings of preset ``name`` (``PRESET_DIR/name.yaml``)."""
+def preset_path(value: str) -> Path:
+    """The file of preset ``value``: a name in :data:`PRESET_DIR`, or a path to a .yaml file.
+
+    Raises ConfrankError naming the file and the known presets when there is none.
+    """
+    path = Path(value)
+    if path.suffix not in (".yaml", ".yml"):
+        path = PRESET_DIR / f"{value}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        raise ConfrankError(f"{path}: no such preset (known: {', '.join(known)})")
+    return path
+
+
+def read_preset(value: str) -> dict[str, Any]:
+    """The settings of preset ``value`` (see :func:`preset_path`) as a mapping of option names
+    (as written in the file) to values; FormatError naming the file when it is not a YAML
+    mapping. The one reader of presets: ``confrank train/rerank/cv --preset`` and the DAG."""
     import yaml
 
-    return dict(yaml.safe_load((PRESET_DIR / f"{name}.yaml").read_text()) or {})
+    path = preset_path(value)
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise FormatError(path, "valid YAML", got=str(exc).splitlines()[0]) from exc
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise FormatError(path, "a mapping of option names to values", got=type(values).__name__)
+    return values
 
 
 def resolve_ranker(ranker: Mapping[str, Any]) -> dict[str, Any]:

@@ -191,12 +191,18 @@ def cv_summary(deltas: pd.DataFrame) -> pd.DataFrame:
     """Mean and sd (ddof 1; NaN for one fold) over folds of ΔAP = ap_rank − ap_single.
 
     ``deltas`` follows the cross-validation contract (:data:`CV_COLUMNS`, one row per
-    ranker, detector, fold and subset). One row per cv, scales, detector, ranker and subset:
-    mean, sd (fractions of AP), folds (count).
+    ranker, detector, fold and subset; ``ap_ensemble`` optional). One row per cv, scales,
+    detector, ranker and subset: mean, sd, folds (count), and the fold means of
+    ensemble − single (NaN without ``ap_ensemble``), oracle − single and single, all
+    fractions of AP. The one summary of a cross-validation: ``confrank cv`` and the report.
     """
     keys = ["cv", "scales", "detector", "ranker", "subset"]
-    grouped = deltas.groupby(keys, sort=True)["delta"]
-    out = grouped.agg(mean="mean", sd="std", folds="count").reset_index()
+    ensemble = deltas["ap_ensemble"] if "ap_ensemble" in deltas else np.nan
+    extra = deltas.assign(ensemble=ensemble - deltas["ap_single"], oracle=deltas["ap_oracle"] - deltas["ap_single"],
+                          single=deltas["ap_single"])
+    grouped = extra.groupby(keys, sort=True)
+    out = grouped["delta"].agg(mean="mean", sd="std", folds="count")
+    out = out.join(grouped[["ensemble", "oracle", "single"]].mean()).reset_index()
     order = {s: i for i, s in enumerate(CV_SUBSETS)}
     return out.sort_values([*keys[:4], "subset"], key=lambda c: c.map(order) if c.name == "subset" else c,
                            kind="stable").reset_index(drop=True)

@@ -32,6 +32,7 @@ import pandas as pd
 from pipeline.errors import MissingInputError
 from pipeline.metrics import WiderFaceEval
 from pipeline.postprocess import fuse
+from pipeline.report import CV_SUBSETS, cv_summary
 from pipeline.ranker.folds import assign_folds
 from pipeline.ranker.gbm import GbmConfig
 from pipeline.atomic_io import write_text_atomic
@@ -184,24 +185,11 @@ def _plain(options: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in sorted(options.items()) if isinstance(v, (str, int, float, bool)) or v is None}
 
 
-def summarize(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean and sd over folds (in AP points) of rank - single, ensemble - single and
-    oracle - single, per variant, detector and subset."""
-    t = table.assign(d_rank=100 * (table["ap_rank"] - table["ap_single"]),
-                     d_ensemble=100 * (table["ap_ensemble"] - table["ap_single"]),
-                     d_oracle=100 * (table["ap_oracle"] - table["ap_single"]),
-                     single=100 * table["ap_single"])
-    agg = t.groupby(["ranker", "detector", "subset"], sort=False)[["single", "d_rank", "d_ensemble", "d_oracle"]]
-    out = agg.agg(["mean", "std"])
-    out.columns = [f"{a}_{b}" for a, b in out.columns]
-    out["folds"] = agg.size()
-    return out.reset_index()
-
-
 def summary_markdown(summary: pd.DataFrame) -> str:
-    """One table: variant x detector rows, ΔAP mean ± sd per subset (rank - single), with the
-    ensemble baseline's and the oracle's in brackets."""
-    subsets = [s for s in (*SUBSETS, "all") if s in set(summary["subset"])]
+    """One table of :func:`pipeline.report.cv_summary`: variant x detector rows, ΔAP mean ± sd
+    per subset in AP points (rank - single), the ensemble baseline's and the oracle's mean in
+    brackets."""
+    subsets = [s for s in CV_SUBSETS if s in set(summary["subset"])]
     lines = ["| variant | detector | " + " | ".join(f"Δ{s} rank (ensemble) [oracle]" for s in subsets) + " |",
              "|---|---|" + "---|" * len(subsets)]
     for (variant, det), part in summary.groupby(["ranker", "detector"], sort=False):
@@ -212,8 +200,9 @@ def summary_markdown(summary: pd.DataFrame) -> str:
                 cells.append("—")
                 continue
             r = r.iloc[0]
-            ens = "" if np.isnan(r["d_ensemble_mean"]) else f" ({r['d_ensemble_mean']:+.1f})"
-            cells.append(f"{r['d_rank_mean']:+.1f} ± {r['d_rank_std']:.1f}{ens} [{r['d_oracle_mean']:+.1f}]")
+            ens = "" if np.isnan(r["ensemble"]) else f" ({100 * r['ensemble']:+.1f})"
+            sd = "—" if np.isnan(r["sd"]) else f"{100 * r['sd']:.1f}"
+            cells.append(f"{100 * r['mean']:+.1f} ± {sd}{ens} [{100 * r['oracle']:+.1f}]")
         lines.append(f"| {variant} | {det} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -246,7 +235,7 @@ def run_cli(name: str, variant: str, pool: str, detectors: str, train_detectors:
     dets = parse_names(detectors)
     table = run_cv(layout, name, variant, parse_names(pool), dets, parse_names(train_detectors) if train_detectors else dets,
                    scales, folds, options, preset=preset, device=device, workers=workers)
-    click.echo(summary_markdown(summarize(table)), nl=False)
+    click.echo(summary_markdown(cv_summary(table)), nl=False)
 
 
 @cli.command("summary")
@@ -261,6 +250,6 @@ def summary_cli(name: str, variants: str | None, data_dir: Path) -> None:
         raise MissingInputError(f"{layout.cv_dir(name)}: no variant results; run `confrank cv run --name {name} ...` first")
     table = pd.concat([read_table(layout.cv_deltas(name, v), "cv_deltas") for v in names], ignore_index=True)
     write_table(table, layout.cv_deltas(name), "cv_deltas", {"stage": "cv summary", "variants": names})
-    text = summary_markdown(summarize(table))
+    text = summary_markdown(cv_summary(table))
     write_text_atomic(layout.cv_summary(name), f"# Cross-validation {name}: ΔAP (points), mean ± sd over folds\n\n{text}")
     click.echo(text, nl=False)

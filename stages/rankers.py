@@ -10,7 +10,7 @@ Two kinds of ranker:
 
 Both write ``model.pt`` (``{"format": ...}`` dicts of plain types and tensors, loaded with
 ``weights_only=True``), ``train_log.parquet``, ``loss.png`` and ``train_images.txt`` into the
-ranker's folder. Presets (:data:`PRESET_DIR`) fill every option of a ranker from one file.
+ranker's folder. Presets (:data:`pipeline.config.PRESET_DIR`) fill every option of a ranker from one file.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from pipeline.config import PRESET_DIR
+from pipeline.config import preset_path, read_preset
 from pipeline.errors import ConfrankError, FormatError, MissingInputError
 from pipeline.imaging import decode_image
 from pipeline.ranker.data import BoxGroup, RankerDataset, TrainImage, box_groups, box_matrix, letterbox, split_half
@@ -444,33 +444,21 @@ def gbm_rank_frame(frame: pd.DataFrame, booster, config: GbmConfig) -> pd.DataFr
 
 # ----------------------------------------------------------------------------- presets and options
 
-def preset_path(value: str) -> Path:
-    """The file of preset ``value`` (a name in :data:`PRESET_DIR` or a path to a .yaml file)."""
-    path = Path(value)
-    if path.suffix not in (".yaml", ".yml"):
-        path = PRESET_DIR / f"{value}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-        raise click.BadParameter(f"{path}: no such preset (known: {', '.join(known)})", param_hint="--preset")
-    return path
-
-
-def read_preset(path: Path, allowed: set[str]) -> dict[str, Any]:
-    """A preset file as ``{option name: value}`` (lists joined with commas); BadParameter
-    naming the file on a key that is not an option of the command."""
+def preset_options(value: str, allowed: set[str]) -> dict[str, Any]:
+    """Preset ``value`` (:func:`pipeline.config.read_preset`) as ``{option name: value}``
+    (lists joined with commas); BadParameter naming the file on a missing or malformed file,
+    or on a key that is not an option of the command."""
     try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise click.BadParameter(f"{path}: not valid YAML ({exc})", param_hint="--preset") from exc
-    if not isinstance(values, dict):
-        raise click.BadParameter(f"{path}: expected a mapping of option names to values", param_hint="--preset")
+        values = read_preset(value)
+    except ConfrankError as exc:
+        raise click.BadParameter(str(exc), param_hint="--preset") from exc
     out = {}
-    for key, value in values.items():
+    for key, item in values.items():
         name = str(key).replace("-", "_")
         if name not in allowed:
-            raise click.BadParameter(f"{path}: {key!r} is not a ranker option (known: {', '.join(sorted(allowed))})",
+            raise click.BadParameter(f"{preset_path(value)}: {key!r} is not a ranker option (known: {', '.join(sorted(allowed))})",
                                      param_hint="--preset")
-        out[name] = ",".join(map(str, value)) if isinstance(value, list) else value
+        out[name] = ",".join(map(str, item)) if isinstance(item, list) else item
     return out
 
 
@@ -478,7 +466,7 @@ def _apply_preset(ctx: click.Context, param: click.Parameter, value: str | None)
     if value is None:
         return None
     allowed = {p.name for p in ctx.command.params if p.name in RANKER_OPTION_NAMES}
-    ctx.default_map = {**(ctx.default_map or {}), **read_preset(preset_path(value), allowed)}
+    ctx.default_map = {**(ctx.default_map or {}), **preset_options(value, allowed)}
     return value
 
 
@@ -516,10 +504,6 @@ RANKER_OPTIONS = [
                  help="Start the backbone from torchvision's ImageNet weights (from the torch hub cache or downloaded)."),
     click.option("--seed", type=int, default=0, show_default=True),
 ]
-RANKER_OPTION_NAMES = {"model", "evidence", "gbm_objective", "gbm_trees", "gbm_learning_rate", "gbm_leaves",
-                       "gbm_min_leaf", "iterations", "backbone", "image_branch", "output", "loss", "n_pairs",
-                       "margin", "batch_size", "lr", "lr_final", "num_boxes", "image_size", "pretrained", "seed",
-                       "log_every"}
 
 
 def ranker_options(func):
@@ -527,6 +511,10 @@ def ranker_options(func):
     for option in reversed(RANKER_OPTIONS):
         func = option(func)
     return func
+
+
+#: the option names a preset may set: those of :data:`RANKER_OPTIONS`, and train's --log-every
+RANKER_OPTION_NAMES = {p.name for p in ranker_options(click.Command("ranker")).params} - {"preset"} | {"log_every"}
 
 
 def ranker_settings(options: dict[str, Any]) -> tuple[str, Any, TrainConfig | None]:

@@ -176,6 +176,12 @@ def test_unknown_preset_and_bad_key_name_the_file(tmp_path):
     bad.write_text("gbm_trees: 5\nwarp_speed: 9\n")
     with pytest.raises(Exception, match=r"bad.yaml: 'warp_speed' is not a ranker option"):
         _options(train_stage.cli, ["--preset", str(bad)])
+    bad.write_text("- gbm_trees\n- 5\n")
+    with pytest.raises(Exception, match=r"bad.yaml: expected a mapping of option names to values"):
+        _options(train_stage.cli, ["--preset", str(bad)])
+    bad.write_text("gbm_trees: [5\n")
+    with pytest.raises(Exception, match=r"bad.yaml: expected valid YAML"):
+        _options(train_stage.cli, ["--preset", str(bad)])
 
 
 def test_cv_run_and_summary(pool):

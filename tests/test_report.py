@@ -154,6 +154,10 @@ def test_cv_table_mean_and_sd_over_folds():
     summary = rp.cv_summary(synthetic_deltas())
     l1_easy = summary[(summary["ranker"] == "l1") & (summary["subset"] == "easy")].iloc[0]
     assert (l1_easy["mean"], l1_easy["sd"], l1_easy["folds"]) == (pytest.approx(-0.01), pytest.approx(0.01), 3)
+    assert (l1_easy["oracle"], l1_easy["single"]) == (pytest.approx(0.4), pytest.approx(0.5))
+    assert np.isnan(l1_easy["ensemble"])  # no ap_ensemble column: no evidence set
+    with_ensemble = rp.cv_summary(synthetic_deltas().assign(ap_ensemble=lambda t: 0.5 + 0.01 * t["fold"]))
+    assert with_ensemble["ensemble"].tolist() == pytest.approx([0.01] * 4)  # mean of +0, +1, +2 points
     table = rp.cv_table(summary)
     assert table.to_dict("records") == [
         {"cv": "cv3", "scales": "original", "detector": "slim", "variant": "l1", "folds": 3,
