@@ -87,10 +87,12 @@ class DetectLoop:
     builds a CPU copy of the detector for images that do not fit in GPU memory even alone
     (built at most once, on first need); without it such an image raises
     :class:`ConfrankError`. ``top_k`` caps the boxes kept per image and scale.
-    ``release_above``: after a network call on the CPU, when this process's resident size is
-    above this many bytes, the heap's freed pages go back to the system
+    ``release_above``: a bound on this process's resident size in bytes. Before a network
+    call, when the resident size plus the call's estimate (``memory``) would pass it, the
+    heap's freed pages go back to the system first
     (:func:`pipeline.runtime.release_freed_memory`); None never does. Input sizes that change
-    from call to call (8K frames of images of different shapes) otherwise grow the heap.
+    from call to call (8K frames of images of different shapes) otherwise grow the heap, which
+    keeps freed blocks for reuse (``pipeline.runtime``), far beyond one call's needs.
     """
 
     detector: Detector
@@ -121,12 +123,16 @@ class DetectLoop:
         results = []
         for scale in self.scales:
             for size, group in self.batches(chunk, scale):
+                self._make_room(size, len(group))
                 results += self._run_group(group, scale, size)
-                self._release_if_above()
         return results
 
-    def _release_if_above(self) -> None:
-        if self.release_above is not None and resident_bytes() > self.release_above:
+    def _make_room(self, size: tuple[int, int], images: int) -> None:
+        """Release the heap's freed pages when the call would take the process past ``release_above``."""
+        if self.release_above is None:
+            return
+        needed = 0.0 if self.memory is None else self.memory.bytes_for(size) * images
+        if resident_bytes() + needed > self.release_above:
             release_freed_memory()
 
     def batches(self, chunk: Sequence[Decoded], scale: Scale) -> list[tuple[tuple[int, int], list[Decoded]]]:

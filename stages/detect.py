@@ -37,6 +37,7 @@ from pipeline.imaging import decode_image, to_chw_tensor
 from pipeline.provenance import code_hash, up_to_date
 from pipeline.scales import SCALE_SETS, scale_set
 from pipeline.provenance import provenance, sha256_file
+from pipeline.runtime import resident_bytes
 from pipeline.tables import read_metadata, read_table, shard_members, write_table
 from stages.common import DETECTION_SORT, pick_device
 from stages.layout import Layout, data_dir_option, parse_shard
@@ -168,9 +169,11 @@ def run_detect(dataset: str, detector_name: str, scales: str, shard: tuple[int, 
     fallback = (partial(build_detector, detector_name, weight_files, torch.device("cpu"), "none", False)
                 if device.type == "cuda" else None)
     budget = memory_budget(device, info.bytes_per_pixel)
-    # on the CPU the heap is handed back when the process holds more than the budget
+    # on the CPU the process stays within what it holds now plus the budget: freed heap pages
+    # go back to the system before a call that would not fit otherwise
+    limit = resident_bytes() + budget.available if device.type == "cpu" else None
     loop = DetectLoop(detector, scale_list, batch_size=batch_size, top_k=detector.top_k, cpu_fallback=fallback,
-                      memory=budget, release_above=budget.available if device.type == "cpu" else None)
+                      memory=budget, release_above=limit)
     detections, latency = loop.run(decoded_images(files, workers, pin=device.type == "cuda"))
     if loop.fallbacks:
         meta = {**meta, "cpu_fallback": loop.fallbacks}

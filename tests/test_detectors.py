@@ -350,12 +350,14 @@ def test_freed_memory_goes_back_only_above_the_limit(monkeypatch):
     monkeypatch.setattr(detect_module, "release_freed_memory", lambda: released.append(1) or True)
     monkeypatch.setattr(detect_module, "resident_bytes", lambda: 5_000)
     detector = _Recorder("fake", max_batch=99)
-    DetectLoop(detector, [Scale(0), Scale(40)], batch_size=2, release_above=4_999).run(_tiny(3))
-    assert len(released) == len(detector.calls) == 4  # after every network call: 2 chunks x 2 scales
+    budget = MemoryBudget(available=10**9, per_pixel=1.0)  # 20x10 inputs: 200 bytes each
+    DetectLoop(detector, [Scale(0)], batch_size=2, memory=budget, release_above=5_399).run(_tiny(3))
+    # 5000 held + 400 for a call of two images passes the bound; 5000 + 200 for one does not
+    assert detector.calls == [2, 1] and len(released) == 1
     released.clear()
-    DetectLoop(detector, [Scale(0)], batch_size=2, release_above=5_000).run(_tiny(3))
+    DetectLoop(detector, [Scale(0)], batch_size=2, memory=budget, release_above=5_400).run(_tiny(3))
     DetectLoop(detector, [Scale(0)], batch_size=2).run(_tiny(3))
-    assert released == []  # at the limit, or without one: the heap keeps its freed memory
+    assert released == []  # within the bound, or without one: the heap keeps its freed memory
 
 
 def test_oom_retries_one_image_at_a_time(caplog):
