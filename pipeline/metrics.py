@@ -206,6 +206,7 @@ class WiderFaceEval:
         norm = normalise_scores(score)
         self.matches = Matches(det_image, score, norm, iou, face, has_gt[det_image],
                                _previous_best(face, iou), self._first_threshold(norm))
+        self._subset_curves.clear()
         return self
 
     def _first_threshold(self, norm_score: np.ndarray) -> np.ndarray:

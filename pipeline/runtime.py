@@ -9,7 +9,7 @@ that cost. The price is a resident size that stays near its peak, and, when the 
 input size changes from call to call (every WiderFace image has its own 8K size), a heap
 that fragments and grows: the freed blocks of one size rarely fit the next. A detect run
 over 8K frames on the CPU therefore hands the freed pages back (:func:`release_freed_memory`)
-whenever its resident size passes its memory budget (``pipeline.detect.DetectLoop``).
+before a network call that would take it past its memory bound (``pipeline.detect.DetectLoop``).
 Nothing here changes results.
 """
 

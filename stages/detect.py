@@ -114,9 +114,8 @@ def is_complete(paths: tuple[Path, Path], meta: dict[str, Any]) -> bool:
 
 
 #: share of the memory available when a shard starts that its network calls may use (the
-#: rest is for other processes and for the error of the per-pixel estimate). 0.7 let a
-#: 34-image val34 run at 8K on CPU peak at 17.9 / 20.8 / 22.9 GiB resident (retinaface-mnet025
-#: / slim / rfb) on a 24 GB machine, far above the estimate (docs/detectors.md).
+#: rest is for other processes and for the error of the per-pixel estimate); on the CPU the
+#: process also hands freed heap pages back to stay within it (docs/detectors.md, "Memory at 8K")
 MEMORY_SHARE = 0.3
 
 
