@@ -128,7 +128,7 @@ def test_oracle_nms_rerank_evaluate_are_identical_across_processes(tmp_path, cap
     chain = [["oracle", *sel], *[["nms", *sel, "--method", m] for m in ("single", "oracle")]]
     for name in rankers:
         chain += [["rerank", *sel, "--ranker", name, "--device", "cpu"], ["nms", *sel, "--method", "rank", "--ranker", name]]
-    chain += [["evaluate", *sel, "--method", m, "--format", "json"] for m in ("single", "oracle", "rank-box", "rank-img")]
+    chain += [["evaluate", *sel, "--method", m, "--format", "json", "--plot"] for m in ("single", "oracle", "rank-box", "rank-img")]
     chain = [[*args, "--data-dir", "data"] for args in chain]
     procs = []
     for folder, seed in (("a", "1"), ("b", "2")):
