@@ -104,7 +104,7 @@ class DetectLoop:
     release_above: int | None = None
     fallbacks: list[str] = field(default_factory=list)  # "image_id@scale" that ran on the CPU
     _cpu_detector: Detector | None = None
-    _warned: set[tuple[int, int]] = field(default_factory=set)
+    _warned: bool = False  # an input too large for the budget was reported (once per loop)
 
     def run(self, images: Iterable[Decoded]) -> tuple[pd.DataFrame, pd.DataFrame]:
         """All images -> (detections, latency) DataFrames (unsorted; the writer sorts)."""
@@ -149,10 +149,11 @@ class DetectLoop:
         return calls
 
     def _warn_if_too_large(self, size: tuple[int, int]) -> None:
-        if self.memory is None or size in self._warned or self.memory.bytes_for(size) <= self.memory.available:
+        if self.memory is None or self._warned or self.memory.bytes_for(size) <= self.memory.available:
             return
-        self._warned.add(size)
-        log.warning("input %dx%d needs about %.1f GB, more than the %.1f GB this run may use; running it alone",
+        self._warned = True  # at 8K every image has its own input size: one line, not one per image
+        log.warning("input %dx%d needs about %.1f GB, more than the %.1f GB this run may use; running it alone "
+                    "(and every other input too large for the budget, without more warnings)",
                     size[0], size[1], self.memory.bytes_for(size) / 2**30, self.memory.available / 2**30)
 
     def _run_group(self, group: list[Decoded], scale: Scale, size: tuple[int, int]) -> list[_Result]:

@@ -339,8 +339,9 @@ def test_memory_budget_sizes_the_batches(caplog):
     assert detector.calls == [2, 2, 1] and len(det) == 5  # chunks of 4 (the cap) split in 2 + 2, then 1
     detector.calls.clear()
     too_small = MemoryBudget(available=10_000, per_pixel=100.0)  # not even one image fits: one at a time
-    DetectLoop(detector, [Scale(0)], batch_size=4, memory=too_small).run(_tiny(6))
-    assert detector.calls == [1] * 6 and caplog.text.count("input 20x10 needs about") == 1
+    DetectLoop(detector, [Scale(0), Scale(40)], batch_size=4, memory=too_small).run(_tiny(6))
+    # two input sizes too large, one warning for the run
+    assert detector.calls == [1] * 12 and caplog.text.count("needs about") == 1
 
 
 def test_freed_memory_goes_back_only_above_the_limit(monkeypatch):
