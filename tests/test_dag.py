@@ -210,6 +210,22 @@ def test_cv_config_plans_features_cv_and_summary(tmp_path: Path):
     assert "--preset paper" in network and "--evidence" not in network
 
 
+def test_table4_config_plans_8k_and_8k_multi_with_two_fold_rankers(tmp_path: Path):
+    config = yaml.safe_load((ROOT / "config" / "table4.yaml").read_text())
+    write_config(tmp_path, config)
+    out = snakemake(tmp_path, "-n", "-p", "cv_all", "evaluate_all")
+    jobs = planned_jobs(out)
+    wildcards = [dict(kv.split("=", 1) for kv in j["wildcards"].split(", ")) for j in jobs if j["rule"] == "detect"]
+    detect = sorted((w["dataset"], w["detector"], w["scales"]) for w in wildcards)
+    # every detector at original and 8k on both datasets; 8k-multi on val34 (all) and orig21 (slim, rfb)
+    assert len(detect) == 2 * 3 * 2 + 3 + 2
+    assert ("widerface-orig21", "retinaface-mnet025", "8k-multi") not in detect
+    commands = [line for line in out.splitlines() if "confrank cv run" in line]
+    assert len(commands) == 2 and all("--folds 2" in c and "--preset cpu" in c for c in commands)
+    assert any("--scales 8k-multi" in c and "--pool widerface-val34 " in c for c in commands)
+    assert any("--scales 8k " in c and "--pool widerface-val34,widerface-orig21 " in c for c in commands)
+
+
 def assert_by_hand_detect_skips(data: Path) -> None:
     """The shards snakemake wrote are up to date for the same command run by hand, from
     another folder and without the rule name: both use the same code hash (the rule's
