@@ -34,9 +34,8 @@ from pipeline.detectors import registry, weights as weights_cache
 from pipeline.detectors.base import Detector
 from pipeline.errors import ConfrankError
 from pipeline.imaging import decode_image, to_chw_tensor
-from pipeline.provenance import code_hash, up_to_date
+from pipeline.provenance import code_hash, provenance, sha256_file, up_to_date
 from pipeline.scales import SCALE_SETS, scale_set
-from pipeline.provenance import provenance, sha256_file
 from pipeline.runtime import resident_bytes
 from pipeline.tables import read_metadata, read_table, shard_members, write_table
 from stages.common import DETECTION_SORT, pick_device
