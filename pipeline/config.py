@@ -130,8 +130,8 @@ def _semantic_errors(config: Mapping[str, Any]) -> list[str]:
         for key in ("train_detectors", "evidence"):
             check_names(f"{where}.{key}", ranker.get(key) or [], [], [])
         preset = ranker.get("preset")
-        if preset is not None and not (PRESET_DIR / f"{preset}.yaml").is_file():
-            problems.append(f"{where}.preset: {_known('preset', preset, [p.stem for p in PRESET_DIR.glob('*.yaml')])}")
+        if preset is not None and preset not in preset_names():
+            problems.append(f"{where}.preset: {_known('preset', preset, preset_names())}")
             return
         settings = resolve_ranker(ranker)
         if settings.get("model") == "gbm":
@@ -260,6 +260,11 @@ PRESET_DIR = Path(__file__).resolve().parents[1] / "config" / "presets"
 DATA_KEYS = ("datasets", "detectors", "train_detectors", "scales")
 
 
+def preset_names() -> list[str]:
+    """The presets shipped in :data:`PRESET_DIR`, by name, sorted."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
 def preset_path(value: str) -> Path:
     """The file of preset ``value``: a name in :data:`PRESET_DIR`, or a path to a .yaml file.
 
@@ -269,8 +274,7 @@ def preset_path(value: str) -> Path:
     if path.suffix not in (".yaml", ".yml"):
         path = PRESET_DIR / f"{value}.yaml"
     if not path.is_file():
-        known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-        raise ConfrankError(f"{path}: no such preset (known: {', '.join(known)})")
+        raise ConfrankError(f"{path}: no such preset (known: {', '.join(preset_names())})")
     return path
 
 

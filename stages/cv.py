@@ -100,10 +100,9 @@ def evaluate_fold(frames: dict[str, pd.DataFrame], gts: dict[str, pd.DataFrame],
             ev = WiderFaceEval(gt, final).evaluate()
             if official:
                 for s in SUBSETS:
-                    result[method][s] = ev.widerface_curve(ev.keep_mask(s)).ap
+                    result[method][s] = ev.subset_curve(s).ap
             else:
-                keep = ~gt["ignore"].to_numpy(bool) if "ignore" in gt else None
-                result[method]["all"] = ev.voc_curve(keep).ap
+                result[method]["all"] = ev.voc_all_curve().ap
     return result
 
 

@@ -27,7 +27,6 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 from tqdm import tqdm
 
 from pipeline.config import preset_path, read_preset

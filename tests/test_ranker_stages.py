@@ -19,7 +19,7 @@ from stages import rerank as rerank_stage
 from stages import train as train_stage
 from stages.featurestore import compute_features, feature_shards
 from stages.layout import Layout
-from pipeline.config import PRESET_DIR
+from pipeline.config import PRESET_DIR, preset_names
 from stages.rankers import ranker_settings
 
 DETECTORS = ("detA", "detB")
@@ -143,7 +143,7 @@ def _options(command, args):
     return ctx.params
 
 
-@pytest.mark.parametrize("preset", sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+@pytest.mark.parametrize("preset", preset_names())
 def test_preset_round_trips_into_the_same_settings_as_its_flags(preset):
     values = yaml.safe_load((PRESET_DIR / f"{preset}.yaml").read_text())
     flags = []
