@@ -20,6 +20,7 @@ import yaml
 from pipeline.config import validate_config
 from pipeline.errors import ConfrankError, MissingInputError
 from pipeline.methods import Method
+from pipeline.scales import SCALE_SETS
 from pipeline.tables import read_table, shard_paths
 from stages.layout import Layout
 
@@ -58,6 +59,14 @@ def pick_device(name: str | None) -> "torch.device":
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfrankError(f"--device {name}: no CUDA device is available here; use --device cpu")
     return torch.device(name)
+
+
+def scales_option(default: str | None = None, help: str = "Scale set of the detections."):
+    """The ``--scales`` option of every command: one of the named scale sets
+    (:data:`pipeline.scales.SCALE_SETS`; an unknown name is an error that lists them), required
+    unless a ``default`` is given. Use as ``@scales_option()`` or ``@scales_option("original")``."""
+    return click.option("--scales", type=click.Choice(list(SCALE_SETS)), required=default is None, default=default,
+                        show_default=default is not None, help=help)
 
 
 def method_options(func):

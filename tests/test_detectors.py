@@ -21,7 +21,7 @@ from pipeline.detectors.priors import (PriorConfig, decode_boxes, decode_landmar
 from pipeline.detectors.retinaface import ANCHORS_RETINAFACE, build_r50, resnet50_net
 from pipeline.errors import ConfrankError, FormatError
 from pipeline.imaging import decode_image, resize_cv2, to_chw_tensor
-from pipeline.scales import Scale, scale_set
+from pipeline.scales import SCALE_SETS, Scale, scale_set
 
 WEIGHTED = ("retinaface-mnet025", "retinaface-mnet025-1mb", "slim", "rfb")
 CONFIGS = (ANCHORS_RETINAFACE, ANCHORS_1MB_FAMILY)
@@ -263,7 +263,9 @@ def test_flip_swaps_landmark_sides():
 
 
 def test_scale_sets():
-    assert scale_set("original") == (Scale(0),)
+    assert scale_set("original").views == (Scale(0),) and scale_set("original").name == "original"
+    assert [(s.name, s.multi, s.long_edge) for s in SCALE_SETS.values()] == [
+        ("original", False, None), ("8k", False, 7680), ("wider-multi", True, None), ("8k-multi", True, 7680)]
     assert [(s.target, s.edge, s.flip) for s in scale_set("8k-multi")] == [
         (7680, "long", False), (7680, "long", True), (5760, "long", False), (5760, "long", True),
         (4096, "long", False), (4096, "long", True)]
