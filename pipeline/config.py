@@ -18,11 +18,9 @@ import jsonschema
 
 from pipeline.errors import ConfrankError, FormatError
 from pipeline.methods import rank, ranker_of
+from pipeline.scales import SCALE_SETS
 
-#: scale sets a detector can run at, and whether each is multi-scale (fused by box voting)
-SCALE_SETS: dict[str, bool] = {"original": False, "8k": False, "wider-multi": True, "8k-multi": True}
-
-#: the NMS method that turns a scale set's raw boxes into final boxes
+#: the NMS method that turns a scale set's raw boxes into final boxes, by ``ScaleSet.multi``
 BASE_METHOD = {False: "single", True: "multi"}
 
 
@@ -186,7 +184,7 @@ def expand(config: Mapping[str, Any]) -> list[Result]:
 def _methods(exp: Mapping[str, Any], scales: str, rankers: Mapping[str, Any]) -> Iterator[str]:
     for method in exp["methods"]:
         if method in ("single", "multi"):
-            if BASE_METHOD[SCALE_SETS[scales]] == method:
+            if BASE_METHOD[SCALE_SETS[scales].multi] == method:
                 yield method
         elif method == "rank":
             yield from (rank(r) for r in _experiment_rankers(exp, rankers))

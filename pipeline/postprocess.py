@@ -25,7 +25,8 @@ def fuse(dets: pd.DataFrame, method: str, iou: float, keep: int, keep_singletons
     """Final boxes (image_id, x1..y2, score) of one shard's detections.
 
     ``single`` needs one (scale, flip) per set; ``multi`` always votes; ``oracle``/``rank``
-    vote when the set has several (scale, flip) pairs and run NMS otherwise.
+    vote when the set has several (scale, flip) pairs (a multi-scale set, ``ScaleSet.multi``)
+    and run NMS otherwise (:func:`fusion_of`).
     """
     column = SCORE_COLUMN[method]
     if column not in dets:
@@ -38,7 +39,7 @@ def fuse(dets: pd.DataFrame, method: str, iou: float, keep: int, keep_singletons
     boxes = torch.from_numpy(dets[list(BOX_COLUMNS)].to_numpy(np.float64, copy=True))
     scores = torch.from_numpy(dets[column].to_numpy(np.float64, copy=True))
     groups = torch.from_numpy(codes.astype(np.int64))
-    if method == "multi" or (method != "single" and len(views) > 1):
+    if fusion_of(method, multi=len(views) > 1) == "voting":
         out_boxes, out_scores, out_groups = box_voting(boxes, scores, groups, iou, keep, keep_singletons)
     else:
         index = nms(boxes, scores, groups, iou, keep)
@@ -49,6 +50,7 @@ def fuse(dets: pd.DataFrame, method: str, iou: float, keep: int, keep_singletons
     return frame
 
 
-def fusion_of(method: str, n_views: int) -> str:
-    """``nms`` or ``voting``: what :func:`fuse` does for ``method`` on a set of ``n_views``."""
-    return "voting" if method == "multi" or (method != "single" and n_views > 1) else "nms"
+def fusion_of(method: str, *, multi: bool) -> str:
+    """``nms`` or ``voting``: what :func:`fuse` does for ``method`` on a one-view set
+    (``multi`` False) or on a set of several (scale, flip) views (``multi`` True)."""
+    return "voting" if method == "multi" or (method != "single" and multi) else "nms"

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 from pipeline.config import (
-    SCALE_SETS,
     detection_sets,
     expand as expand_results,
     is_gbm,
@@ -24,6 +23,7 @@ from pipeline.detectors.registry import DETECTORS
 from pipeline.methods import Method, wildcard_pattern
 from pipeline.provenance import code_hash
 from pipeline.provenance import config_hash
+from pipeline.scales import EIGHT_K, SCALE_SETS
 from stages.layout import Layout
 
 L = Layout.from_env(config["data_dir"])

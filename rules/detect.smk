@@ -18,7 +18,7 @@ rule detect:
         gpu=1,
         # an 8K frame's activations take GBs on a CPU: with --resources mem_mb=... (the demo
         # sets it) snakemake runs no more 8K shards at once than memory allows
-        mem_mb=lambda wc: 12000 if wc.scales.startswith("8k") else 4000,
+        mem_mb=lambda wc: (12000 if (SCALE_SETS[wc.scales].long_edge or 0) >= EIGHT_K else 4000),
         runtime=120,
     params:
         shards=lambda wc: DATASETS[wc.dataset]["shards"],

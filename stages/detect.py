@@ -35,10 +35,10 @@ from pipeline.detectors.base import Detector
 from pipeline.errors import ConfrankError
 from pipeline.imaging import decode_image, to_chw_tensor
 from pipeline.provenance import code_hash, provenance, sha256_file, up_to_date
-from pipeline.scales import SCALE_SETS, scale_set
+from pipeline.scales import scale_set
 from pipeline.runtime import resident_bytes
 from pipeline.tables import read_metadata, read_table, shard_members, write_table
-from stages.common import DETECTION_SORT, pick_device
+from stages.common import DETECTION_SORT, pick_device, scales_option
 from stages.layout import Layout, data_dir_option, parse_shard
 
 log = logging.getLogger("confrank.detect")
@@ -97,7 +97,7 @@ def shard_metadata(dataset: str, detector: str, scales: str, shard: tuple[int, i
     config = {
         "dataset": dataset, "detector": detector, "scales": scales, "shard": shard[0], "n_shards": shard[1],
         "device": device.type, "amp": amp, "channels_last": channels_last, "top_k": top_k, "min_score": min_score,
-        "scale_list": [[s.target, s.edge, s.flip] for s in scale_set(scales)],
+        "scale_list": [[s.target, s.edge, s.flip] for s in scale_set(scales).views],
     }
     return provenance(
         "detect", config, inputs=[images_path], detector=detector, scale_set=scales,
@@ -143,7 +143,7 @@ def run_detect(dataset: str, detector_name: str, scales: str, shard: tuple[int, 
                workers: int = 2) -> tuple[Path, bool]:
     """Detect one shard; returns (detections path, whether it was computed, not skipped)."""
     info = registry.get_info(detector_name)
-    scale_list = scale_set(scales)
+    views = scale_set(scales).views
     images_path = layout.images(dataset)
     if not images_path.is_file():
         raise ConfrankError(f"{images_path}: no images table; run `confrank index --name {dataset} --root DIR` first")
@@ -170,7 +170,7 @@ def run_detect(dataset: str, detector_name: str, scales: str, shard: tuple[int, 
     # on the CPU the process stays within what it holds now plus the budget: freed heap pages
     # go back to the system before a call that would not fit otherwise
     limit = resident_bytes() + budget.available if device.type == "cpu" else None
-    loop = DetectLoop(detector, scale_list, batch_size=batch_size, top_k=detector.top_k, cpu_fallback=fallback,
+    loop = DetectLoop(detector, views, batch_size=batch_size, top_k=detector.top_k, cpu_fallback=fallback,
                       memory=budget, release_above=limit)
     detections, latency = loop.run(decoded_images(files, workers, pin=device.type == "cuda"))
     if loop.fallbacks:
@@ -191,8 +191,7 @@ def run_detect(dataset: str, detector_name: str, scales: str, shard: tuple[int, 
 @click.command("detect")
 @click.option("--dataset", required=True, help="Dataset name given to `confrank index`.")
 @click.option("--detector", "detector_name", required=True, help="Detector name (see `confrank detectors`).")
-@click.option("--scales", type=click.Choice(list(SCALE_SETS)), default="original", show_default=True,
-              help="Named scale set: original, 8k (long edge 7680), wider-multi, 8k-multi (with flips).")
+@scales_option("original", help="Named scale set: original, 8k (long edge 7680), wider-multi, 8k-multi (with flips).")
 @click.option("--shard", default="0/1", show_default=True, help="K/N: run shard K of N (0-based).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda when available.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,

@@ -20,7 +20,7 @@ from pipeline.metrics import SUBSETS, WiderFaceEval
 from pipeline.atomic_io import atomic_output, write_text_atomic
 from pipeline.provenance import provenance
 from pipeline.tables import read_metadata, read_table, write_table
-from stages.common import method_name, method_options, read_gt
+from stages.common import method_name, method_options, read_gt, scales_option
 from stages.layout import Layout, data_dir_option
 
 
@@ -57,7 +57,7 @@ def text_report(result: dict) -> str:
 @click.option("--dataset", required=True, help="Dataset name (its gt table must exist).")
 @click.option("--detector", required=True, help="Detector name.")
 @method_options
-@click.option("--scales", default="original", show_default=True, help="Scale set of the final boxes.")
+@scales_option("original", help="Scale set of the final boxes.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True, help="What to print.")
 @click.option("--plot/--no-plot", default=False, show_default=True,
               help="Also draw the PR curves as a PNG next to the metrics (about 0.5 s more).")

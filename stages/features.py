@@ -21,7 +21,7 @@ from pathlib import Path
 
 import click
 
-from stages.common import parse_names
+from stages.common import parse_names, scales_option
 from stages.featurestore import evidence_option, write_features
 from stages.layout import Layout, data_dir_option
 
@@ -29,7 +29,7 @@ from stages.layout import Layout, data_dir_option
 @click.command("features")
 @click.option("--dataset", required=True, help="Dataset name.")
 @click.option("--detector", required=True, help="Detector whose boxes are described.")
-@click.option("--scales", required=True, help="Scale set of the detections.")
+@scales_option()
 @evidence_option
 @data_dir_option
 def cli(dataset: str, detector: str, scales: str, evidence: str, data_dir: Path) -> None:

@@ -28,7 +28,7 @@ import torch
 from pipeline.postprocess import SCORE_COLUMN, fuse, fusion_of
 from pipeline.provenance import provenance
 from pipeline.tables import read_metadata, read_table, shard_paths, write_table
-from stages.common import DETECTION_SORT, dask_scheduler_option, map_shards, method_name, require_shards
+from stages.common import DETECTION_SORT, dask_scheduler_option, map_shards, method_name, require_shards, scales_option
 from stages.layout import Layout, data_dir_option
 
 def _fuse_shard(job: tuple[Path, str, float, int, bool]) -> tuple[pd.DataFrame, int]:
@@ -60,7 +60,7 @@ def input_shards(layout: Layout, dataset: str, detector: str, scales: str, metho
 @click.command("nms")
 @click.option("--dataset", required=True, help="Dataset name.")
 @click.option("--detector", required=True, help="Detector name.")
-@click.option("--scales", required=True, help="Scale set of the shards (original, 8k, wider-multi, 8k-multi, ...).")
+@scales_option(help="Scale set of the shards.")
 @click.option("--method", type=click.Choice(sorted(SCORE_COLUMN)), required=True, help="single: NMS; multi: box voting; oracle/rank/ensemble: oracle IoU, ranker score or the "
                    "training-free ensemble score (confrank features) as confidence.")
 @click.option("--ranker", default=None, help="Ranker name (for --method rank).")
@@ -80,7 +80,7 @@ def cli(dataset: str, detector: str, scales: str, method: str, ranker: str | Non
     final = pd.concat([r[0] for r in results], ignore_index=True)
     n_views = max(r[1] for r in results)
     config = {"dataset": dataset, "detector": detector, "scales": scales, "method": name, "iou": iou, "keep": keep,
-              "keep_singletons": keep_singletons, "fusion": fusion_of(method, n_views), "score_column": SCORE_COLUMN[method],
+              "keep_singletons": keep_singletons, "fusion": fusion_of(method, multi=n_views > 1), "score_column": SCORE_COLUMN[method],
               "iou_convention": "+1 pixel"}
     meta = provenance("nms", config, inputs=sources, source_metadata=read_metadata(sources[0]))
     path = layout.final(dataset, detector, scales, name)

@@ -18,7 +18,7 @@ import torch
 from pipeline.boxes import oracle_iou
 from pipeline.provenance import provenance
 from pipeline.tables import BOX_COLUMNS, read_metadata, read_table, write_table
-from stages.common import DETECTION_SORT, dask_scheduler_option, map_shards, read_gt, require_shards
+from stages.common import DETECTION_SORT, dask_scheduler_option, map_shards, read_gt, require_shards, scales_option
 from stages.layout import Layout, data_dir_option
 
 GT_COLUMNS = ["image_id", "gt_id", *BOX_COLUMNS]
@@ -60,7 +60,7 @@ def _oracle_shard(job: tuple[Path, Path, Path, dict]) -> str:
 @click.command("oracle")
 @click.option("--dataset", required=True, help="Dataset name (as given to `confrank index --name`).")
 @click.option("--detector", required=True, help="Detector whose shards to annotate.")
-@click.option("--scales", required=True, help="Scale set of the detection shards (e.g. original, 8k-multi).")
+@scales_option(help="Scale set of the detection shards.")
 @dask_scheduler_option
 @data_dir_option
 def cli(dataset: str, detector: str, scales: str, dask_scheduler: str, data_dir: Path) -> None:

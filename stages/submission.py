@@ -23,7 +23,7 @@ from pipeline.errors import ConfrankError, FormatError, MissingInputError
 from pipeline.provenance import provenance
 from pipeline.tables import read_table, shard_members, write_table
 from pipeline.submission import format_submission, parse_submission, submission_frame
-from stages.common import DETECTION_SORT, method_name, method_options
+from stages.common import DETECTION_SORT, method_name, method_options, scales_option
 from stages.layout import Layout, data_dir_option
 
 IMPORTED = "imported"
@@ -76,7 +76,7 @@ def read_submission_folder(folder: Path, known: set[str]) -> tuple[pd.DataFrame,
 @click.option("--dataset", required=True, help="Indexed dataset the submission is for.")
 @click.option("--detector", required=True, help="Name to store the boxes under.")
 @click.option("--txt", "txt_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="Submission folder.")
-@click.option("--scales", default="original", show_default=True, help="Scale-set name to store the boxes under.")
+@scales_option("original", help="Scale-set name to store the boxes under.")
 @click.option("--shards", type=click.IntRange(min=1), default=1, show_default=True, help="Number of detection shards to write.")
 @data_dir_option
 def import_cli(dataset: str, detector: str, txt_dir: Path, scales: str, shards: int, data_dir: Path) -> None:
@@ -122,7 +122,7 @@ def write_submission_folder(final: pd.DataFrame, image_ids: list[str], folder: P
 @click.option("--dataset", required=True, help="Dataset name.")
 @click.option("--detector", required=True, help="Detector name.")
 @method_options
-@click.option("--scales", default="original", show_default=True, help="Scale set of the final boxes.")
+@scales_option("original", help="Scale set of the final boxes.")
 @click.option("--txt", "txt_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write.")
 @click.option("--force", is_flag=True, help="Replace the folder if it exists.")
 @data_dir_option

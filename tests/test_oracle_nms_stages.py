@@ -46,7 +46,7 @@ def data(tmp_path):
     write_table(dets[dets.image_id != "e/c"], layout.detections("toy", "toy", "original", 0), "detections")
     write_table(dets[dets.image_id == "e/c"], layout.detections("toy", "toy", "original", 1), "detections")
     multi = _dets((500, 800), (False, True))
-    write_table(multi, layout.detections("toy", "toy", "multi", 0), "detections")
+    write_table(multi, layout.detections("toy", "toy", "wider-multi", 0), "detections")
     return layout
 
 
@@ -106,11 +106,11 @@ def test_nms_single_multi_oracle_and_evaluate(data, capsys):
     assert data.pr_plot("toy", "toy", "original", "single").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(read_table(data.pr_curves("toy", "toy", "original", "single"), "pr").subset.astype(str)) == {"easy", "medium", "hard", "voc"}
 
-    code, _, err = run_cli(["nms", *base, "--scales", "multi", "--method", "single"], capsys)
+    code, _, err = run_cli(["nms", *base, "--scales", "wider-multi", "--method", "single"], capsys)
     assert code == 1 and "one-scale" in err
-    assert run_cli(["nms", *base, "--scales", "multi", "--method", "multi", "--keep-singletons"], capsys)[0] == 0
-    multi = read_table(data.final("toy", "toy", "multi", "multi"), "final")
-    meta = read_metadata(data.final("toy", "toy", "multi", "multi"))["config"]
+    assert run_cli(["nms", *base, "--scales", "wider-multi", "--method", "multi", "--keep-singletons"], capsys)[0] == 0
+    multi = read_table(data.final("toy", "toy", "wider-multi", "multi"), "final")
+    meta = read_metadata(data.final("toy", "toy", "wider-multi", "multi"))["config"]
     assert meta["fusion"] == "voting" and meta["keep_singletons"] is True
     # four views of each box: e/a has one cluster of 8 (two overlapping boxes) and one of 4
     assert multi.groupby(multi.image_id.astype(str)).size().to_dict() == {"e/a": 2, "e/b": 1, "e/c": 1}
