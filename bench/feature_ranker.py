@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pipeline.iou import pairwise_iou  # noqa: E402
 from pipeline.ranker import features as F  # noqa: E402
 from pipeline.ranker.gbm import GbmConfig, predict_gbm, train_gbm  # noqa: E402
 from pipeline.runtime import keep_freed_memory  # noqa: E402
@@ -37,7 +38,7 @@ def fake_image(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray
     faces = np.c_[faces, faces + size].astype(np.float32)
     boxes = faces[rng.integers(0, 20, n)] + rng.normal(0, 4, (n, 4)).astype(np.float32)
     boxes[:, 2:] = np.maximum(boxes[:, 2:], boxes[:, :2] + 2)
-    oracle = F.pairwise_iou(boxes, faces).max(axis=1)
+    oracle = pairwise_iou(boxes, faces).max(axis=1)
     scores = np.clip(0.5 * oracle + rng.uniform(0, 0.5, n), 0.02, 1).astype(np.float32)
     return boxes, scores, oracle
 

@@ -1,9 +1,9 @@
-"""IoU, greedy NMS, box voting and oracle IoU on ``x1, y1, x2, y2`` boxes (original pixels).
+"""Greedy NMS, box voting and oracle IoU on ``x1, y1, x2, y2`` boxes (original pixels).
 
 All IoUs here use the +1 pixel convention of the RetinaFace/SSH reference code and of the
 WiderFace evaluation (a box from x1 to x2 is ``x2 - x1 + 1`` pixels wide). They are computed
-in float64 as torchvision does on boxes whose x2, y2 are shifted by +1, so that NMS
-(``torchvision.ops.batched_nms``), the voting clusters and the oracle agree exactly.
+in float64 as torchvision does on boxes whose x2, y2 are shifted by +1 (``pipeline.iou``), so
+that NMS (``torchvision.ops.batched_nms``), the voting clusters and the oracle agree exactly.
 
 Groups (images, or image and scale) are integer codes; every function works on one flat
 batch of boxes from many groups at once, on CPU or GPU tensors.
@@ -17,24 +17,14 @@ import torch
 from torchvision.ops import batched_nms, box_iou
 from torchvision.ops import nms as _torchvision_nms
 
+from pipeline.iou import paired_iou_continuous, shift_plus_one
+
 #: IoU matrix entries computed at once when assigning boxes to voting clusters
 _CHUNK = 1 << 22
 #: seeds per step of the voting assignment (it stops once ``keep`` clusters are certain)
 _BLOCK = 256
 #: boxes per image given to NMS at first when looking for voting seeds (doubled as needed)
 _PREFIX = 1024
-
-
-def _shifted(boxes: torch.Tensor) -> torch.Tensor:
-    """(N, 4) boxes as float64 with x2, y2 + 1: torchvision's IoU of these is the +1 IoU."""
-    out = boxes.to(torch.float64).clone()
-    out[:, 2:] += 1
-    return out
-
-
-def iou_plus_one(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(N, M) float64 IoU of boxes ``a`` (N, 4) and ``b`` (M, 4), +1 pixel convention."""
-    return box_iou(_shifted(a), _shifted(b))
 
 
 def _order(scores: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
@@ -67,7 +57,7 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou: fl
     if len(boxes) == 0:
         return torch.zeros(0, dtype=torch.int64, device=boxes.device)
     order = _order(scores, groups)
-    kept = batched_nms(_shifted(boxes[order]), scores[order].to(torch.float64), groups[order], iou)
+    kept = batched_nms(shift_plus_one(boxes[order]), scores[order].to(torch.float64), groups[order], iou)
     kept = order[torch.sort(kept).values]  # back to (group, score) order
     return _top_per_group(kept, groups, keep)
 
@@ -122,16 +112,6 @@ def box_voting(
     return fused[index], scores[seeds[index]], seed_groups[index]
 
 
-def _pair_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(K,) IoU of the pairs ``a[k]``, ``b[k]`` of (K, 4) boxes: torchvision's ``box_iou``
-    arithmetic, element by element (so the same floats as its matrix and its NMS)."""
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    wh = (torch.minimum(a[:, 2:], b[:, 2:]) - torch.maximum(a[:, :2], b[:, :2])).clamp(min=0)
-    inter = wh[:, 0] * wh[:, 1]
-    return inter / (area_a + area_b - inter)
-
-
 def _reach(boxes: torch.Tensor, threshold: float) -> torch.Tensor:
     """(N,) how far, in x centre, a box can be from one it overlaps with IoU > ``threshold``.
 
@@ -166,7 +146,7 @@ def _assign_block(boxes: torch.Tensor, by_x: torch.Tensor, x_sorted: torch.Tenso
             cand = by_x[lo[seed] + offset]
             ok = open_[cand] & (cand > block[seed])
             cand, seed = cand[ok], seed[ok]
-            hit = _pair_iou(boxes[cand], boxes[block[seed]]) > threshold
+            hit = paired_iou_continuous(boxes[cand], boxes[block[seed]]) > threshold
             cand, seed = cand[hit], seed[hit]
             if len(cand):
                 best = torch.full((len(open_),), len(block), dtype=torch.int64, device=boxes.device)
@@ -193,7 +173,7 @@ def _clusters(boxes: torch.Tensor, groups: torch.Tensor, iou: float, keep: int, 
     so the work grows with the boxes around each seed rather than with all boxes of the image.
     """
     threshold = math.nextafter(iou, -math.inf)
-    shifted = _shifted(boxes)
+    shifted = shift_plus_one(boxes)
     device = boxes.device
     cluster = torch.full((len(boxes),), -1, dtype=torch.int64, device=device)
     seeds = []
@@ -248,7 +228,7 @@ def oracle_iou(
     index = torch.full((len(boxes),), -1, dtype=torch.int64, device=boxes.device)
     if len(boxes) == 0 or len(gt_boxes) == 0:
         return best, index
-    shifted, gt_shifted = _shifted(boxes), _shifted(gt_boxes)
+    shifted, gt_shifted = shift_plus_one(boxes), shift_plus_one(gt_boxes)
     order = torch.sort(groups, stable=True).indices
     sorted_groups = groups[order]
     images, counts = torch.unique_consecutive(sorted_groups, return_counts=True)

@@ -4,7 +4,7 @@ The WiderFace numbers equal the widely used Python port of the official evaluati
 (the ``widerface_evaluate`` folder the RetinaFace repositories ship) on the same predictions:
 
 * IoU with the +1 pixel convention (a box from x1 to x2 is ``x2 - x1 + 1`` pixels wide),
-  computed in float64 with the port's order of operations;
+  computed in float64 with the port's order of operations (``pipeline.iou.iou_plus_one``);
 * each detection is matched to the face with the highest IoU (first one on ties), whether
   or not that face was already matched; at IoU >= threshold it recalls the face if the face
   is in the subset's keep list and not yet recalled, is a false positive if the face was
@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from pipeline.iou import iou_plus_one
 from pipeline.tables import ATTRIBUTE_COLUMNS, BOX_COLUMNS
 
 SUBSETS = ("easy", "medium", "hard")
@@ -64,30 +65,6 @@ def normalise_scores(scores: np.ndarray) -> np.ndarray:
     high = max(float(scores.max()), 0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
         return (scores - low) / (high - low)
-
-
-def iou_plus_one(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
-    """IoU matrix (N, M) float64 of ``pred`` (N, 4) and ``gt`` (M, 4), +1 pixel convention.
-
-    Same arithmetic as the port's ``bbox_overlaps`` (Cython): 0 where the boxes do not
-    overlap by at least one pixel in both directions.
-    """
-    pred = np.asarray(pred, dtype=np.float64)
-    gt = np.asarray(gt, dtype=np.float64)
-    iou = np.zeros((len(pred), len(gt)))
-    iw = np.minimum(pred[:, None, 2], gt[None, :, 2])
-    iw -= np.maximum(pred[:, None, 0], gt[None, :, 0])
-    iw += 1
-    # only pairs that overlap horizontally go on (a small fraction in crowded images)
-    p, g = np.nonzero(iw > 0)
-    ih = np.minimum(pred[p, 3], gt[g, 3]) - np.maximum(pred[p, 1], gt[g, 1]) + 1
-    ok = ih > 0
-    p, g, ih = p[ok], g[ok], ih[ok]
-    inter = iw[p, g] * ih
-    pred_area = (pred[p, 2] - pred[p, 0] + 1) * (pred[p, 3] - pred[p, 1] + 1)
-    gt_area = (gt[g, 2] - gt[g, 0] + 1) * (gt[g, 3] - gt[g, 1] + 1)
-    iou[p, g] = inter / (pred_area + gt_area - inter)
-    return iou
 
 
 def _previous_best(face: np.ndarray, iou: np.ndarray) -> np.ndarray:

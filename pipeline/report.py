@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.iou import iou_plus_one
 from pipeline.methods import family, rank
-from pipeline.metrics import iou_plus_one
 
 MISSING = "—"
 SUBSETS = ("easy", "medium", "hard")

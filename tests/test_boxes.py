@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pipeline.boxes as boxes_module
-from pipeline.boxes import box_voting, iou_plus_one, nms, oracle_iou
+from pipeline.boxes import box_voting, nms, oracle_iou
+from pipeline.iou import iou_plus_one_torch
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -134,7 +135,7 @@ def test_voting_threshold_is_inclusive():
     # IoU exactly 0.4 with the +1 convention
     a = torch.tensor([[0.0, 0, 9, 9]])
     b = torch.tensor([[0.0, 0, 9, 3]])  # 10x4 inside a: IoU = 40 / 100 = 0.4
-    assert iou_plus_one(a, b).item() == 0.4
+    assert iou_plus_one_torch(a, b).item() == 0.4
     boxes = torch.cat([a, b])
     scores = torch.tensor([0.9, 0.5])
     _, s, _ = box_voting(boxes, scores, torch.zeros(2, dtype=torch.int64), iou=0.4)

@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tests.widerface_reference import bbox_overlaps, evaluation, gt_from_table, preds_from_table
 
-from pipeline.metrics import WiderFaceEval, evaluate_widerface, iou_plus_one, normalise_scores
+from pipeline.iou import iou_plus_one
+from pipeline.metrics import WiderFaceEval, evaluate_widerface, normalise_scores
 from pipeline.submission import parse_submission, submission_frame
 from pipeline.widerface import parse_eval_mat
 

@@ -165,23 +165,6 @@ def test_gbm_learns_a_signal_and_is_deterministic(objective):
     assert spearmanr(a, oracle).statistic > 0.9
 
 
-@settings(max_examples=30, deadline=None)
-@given(st.lists(st.tuples(st.floats(0, 100), st.floats(0, 100), st.floats(0, 50), st.floats(0, 50)), min_size=1, max_size=12),
-       st.lists(st.tuples(st.floats(0, 100), st.floats(0, 100), st.floats(0, 50), st.floats(0, 50)), min_size=1, max_size=12))
-def test_pairwise_iou_equals_torchvision(a, b):
-    import torch
-    from torchvision.ops import box_iou
-
-    from pipeline.ranker.features import pairwise_iou
-
-    def xyxy(rows):
-        r = np.array(rows, np.float32)
-        return np.c_[r[:, :2], r[:, :2] + r[:, 2:]].astype(np.float32)
-
-    want = box_iou(torch.from_numpy(xyxy(a)), torch.from_numpy(xyxy(b))).nan_to_num(0.0).numpy()
-    np.testing.assert_allclose(pairwise_iou(xyxy(a), xyxy(b)), want, rtol=1e-5, atol=1e-6)
-
-
 def test_neighbour_pair_accuracy_counts_ties_as_half():
     from stages.rankers import neighbour_pair_accuracy
 
