@@ -131,13 +131,18 @@ def _semantic_errors(config: Mapping[str, Any]) -> list[str]:
         if preset is not None and preset not in preset_names():
             problems.append(f"{where}.preset: {_known('preset', preset, preset_names())}")
             return
-        settings = resolve_ranker(ranker)
-        if settings.get("model") == "gbm":
+        try:
+            kind, settings = ranker_settings(ranker, where)
+        except ConfrankError as exc:
+            problems.append(str(exc))
+            return
+        if settings.evidence_set:
             if not evidence:
-                problems.append(f"{where}: a gbm ranker needs the top-level 'evidence' list (its features' evidence set)")
-            elif settings.get("evidence") and sorted(settings["evidence"]) != sorted(evidence):
-                problems.append(f"{where}.evidence: {settings['evidence']} differs from the top-level evidence {evidence}; "
-                                "the features shards of a dataset have one evidence set")
+                problems.append(f"{where}: a {kind.name} ranker that reads other detectors' boxes needs the top-level "
+                                "'evidence' list (its features' evidence set)")
+            elif sorted(settings.evidence_set) != sorted(evidence):
+                problems.append(f"{where}.evidence: {list(settings.evidence_set)} differs from the top-level evidence "
+                                f"{evidence}; the features shards of a dataset have one evidence set")
 
     for name, ranker in rankers.items():
         check_names(f"rankers.{name}", ranker["detectors"], [ranker["scales"]], ranker["datasets"])
@@ -217,16 +222,16 @@ def feature_sets(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     rankers' training data and every cross-validation pool (when ``evidence`` is set)."""
     seen: dict[tuple[str, str, str], None] = {}
     for res in expand(config):
-        if res.method == "ensemble" or (res.ranker and is_gbm(config["rankers"][res.ranker])):
+        if res.method == "ensemble" or (res.ranker and reads_features(config["rankers"][res.ranker])):
             seen.setdefault((res.dataset, res.detector, res.scales))
     for name in used_rankers(config):
         ranker = config["rankers"][name]
-        if is_gbm(ranker):
+        if reads_features(ranker):
             for ds in ranker["datasets"]:
                 for det in ranker["detectors"]:
                     seen.setdefault((ds, det, ranker["scales"]))
     for cv in (config.get("cv") or {}).values():
-        if any(is_gbm(v) for v in cv["variants"].values()) and config.get("evidence"):
+        if any(reads_features(v) for v in cv["variants"].values()) and config.get("evidence"):
             for ds in cv["datasets"]:
                 for det in cv_detectors(cv):
                     seen.setdefault((ds, det, cv["scales"]))
@@ -300,9 +305,19 @@ def resolve_ranker(ranker: Mapping[str, Any]) -> dict[str, Any]:
     return {**base, **{k: v for k, v in ranker.items() if k != "preset"}}
 
 
-def is_gbm(ranker: Mapping[str, Any]) -> bool:
-    """Whether a ranker entry (or cv variant) is a feature ranker."""
-    return resolve_ranker(ranker).get("model") == "gbm"
+def ranker_settings(ranker: Mapping[str, Any], where: str = "ranker") -> tuple[Any, Any]:
+    """(kind, settings) of a ranker entry (or cv variant) from the registry
+    (:func:`pipeline.ranker.registry.settings_of`; imports no torch); ConfrankError naming
+    ``where`` and the option when a value is not allowed."""
+    from pipeline.ranker.registry import settings_of
+
+    values = {k: v for k, v in resolve_ranker(ranker).items() if k not in DATA_KEYS and k != "split_half"}
+    return settings_of(values, where)
+
+
+def reads_features(ranker: Mapping[str, Any]) -> bool:
+    """Whether a ranker entry (or cv variant) reads per-box feature rows (``confrank features``)."""
+    return ranker_settings(ranker)[0].reads == "features"
 
 
 def ranker_args(ranker: Mapping[str, Any]) -> dict[str, Any]:

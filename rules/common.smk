@@ -14,7 +14,8 @@ from pathlib import Path
 from pipeline.config import (
     detection_sets,
     expand as expand_results,
-    is_gbm,
+    ranker_settings,
+    reads_features,
     ranker_args,
     resolve_ranker,
     used_rankers,
@@ -97,8 +98,8 @@ def flag(name, value):
 
 
 def ranker_data(r):
-    """The Layout folder kind a ranker (or cv variant) trains on: features for a feature ranker."""
-    return "features_dir" if is_gbm(r) else "oracle_dir"
+    """The Layout folder kind a ranker (or cv variant) trains on: what its kind reads (the registry)."""
+    return "features_dir" if reads_features(r) else "oracle_dir"
 
 
 def settings_flags(r):
@@ -112,7 +113,7 @@ def settings_flags(r):
             flags.append(f"--{option}" if value else f"--no-{option}")
         else:
             flags.append(flag(option, ",".join(value) if isinstance(value, list) else value))
-    if is_gbm(r):
+    if ranker_settings(r)[1].evidence_set:
         flags.append(flag("evidence", EVIDENCE))
     return flags
 
@@ -155,8 +156,8 @@ def train_args(wc):
 
 
 def rerank_features(wc):
-    """The features shards a feature (gbm) ranker re-scores; none for the other rankers."""
-    if is_gbm(RANKERS[wc.ranker]):
+    """The features shards a ranker that reads features re-scores; none for the other rankers."""
+    if reads_features(RANKERS[wc.ranker]):
         return [T("features_dir", wc.dataset, wc.detector, wc.scales)]
     return []
 

@@ -29,25 +29,20 @@ import click
 import numpy as np
 import pandas as pd
 
-from pipeline.errors import MissingInputError
-from pipeline.metrics import WiderFaceEval
-from pipeline.postprocess import fuse
-from pipeline.report import CV_SUBSETS, cv_summary
-from pipeline.ranker.folds import assign_folds
-from pipeline.ranker.gbm import GbmConfig
 from pipeline.atomic_io import write_text_atomic
-from pipeline.tables import read_table, read_tables, write_table
-from stages.common import parse_names, pick_device, read_gt, require_shards
+from pipeline.errors import ConfrankError, MissingInputError
+from pipeline.ranker.folds import NMS_IOU, SUBSETS, assign_folds, evaluate_fold
+from pipeline.ranker.registry import load_ranker, settings_of
+from pipeline.report import CV_SUBSETS, cv_summary
+from pipeline.tables import read_table, write_table
+from stages.common import parse_names, pick_device, read_gt, scales_option
 from stages.featurestore import ensure_features, feature_shards
 from stages.layout import Layout, data_dir_option
-from stages.rankers import (gbm_rank_frame, load_images_table, load_ranker, ranker_options, ranker_settings,
-                            read_rgb, rerank_frame, train_gbm_ranker, train_ranker)
+from stages.ranker_options import ranker_options, ranker_values
+from stages.rankerio import GT_COLUMNS, load_images_table, ranker_shards, score_context, train
 
-SUBSETS = ("easy", "medium", "hard")
 #: the held-out methods compared, and the column each fuses on
 METHODS = ("single", "rank", "oracle", "ensemble")
-#: NMS of every method (the DAG's postprocess defaults)
-NMS_IOU, NMS_KEEP = 0.4, 750
 
 
 def pool_folds(layout: Layout, pool: list[str], folds: int) -> dict[str, dict[str, int]]:
@@ -59,84 +54,47 @@ def pool_folds(layout: Layout, pool: list[str], folds: int) -> dict[str, dict[st
     return out
 
 
-def held_out_frames(layout: Layout, pool: list[str], detectors: list[str], scales: str,
+def held_out_frames(layout: Layout, kind, settings, pool: list[str], detectors: list[str], scales: str,
                     evidence: tuple[str, ...]) -> dict[tuple[str, str], pd.DataFrame]:
-    """Every box of every (dataset, detector) with ``oracle_iou`` (and, with an evidence set,
-    the features and ``ensemble_score``), the rows of each shard in stored order."""
+    """Every box of every (dataset, detector) as the ranker reads it, with ``oracle_iou`` (and,
+    with an evidence set, ``ensemble_score``), the rows of each shard in stored order."""
     frames = {}
     for dataset in pool:
         for det in detectors:
-            if evidence:
-                frame = pd.concat([f for _, f, _ in feature_shards(layout, dataset, det, scales, evidence)], ignore_index=True)
-            else:
-                parts = require_shards(layout.oracle_dir(dataset, det, scales), "oracle",
-                                       f"run `confrank oracle --dataset {dataset} --detector {det} --scales {scales}` first")
-                frame = read_tables(parts, "detections")
+            frame = pd.concat([f for _, f, _ in ranker_shards(layout, kind, settings, dataset, det, scales)],
+                              ignore_index=True)
+            if evidence and "ensemble_score" not in frame.columns:
+                ens = pd.concat([f for _, f, _ in feature_shards(layout, dataset, det, scales, evidence)], ignore_index=True)
+                frame["ensemble_score"] = ens["ensemble_score"].to_numpy()
             if "oracle_iou" not in frame.columns:
                 raise MissingInputError(f"{dataset}/{det}/{scales}: no oracle_iou; run `confrank oracle` first")
-            frame["image_id"] = frame["image_id"].astype(str)
             frame["detector"] = det
             frames[(dataset, det)] = frame
     return frames
 
 
-def evaluate_fold(frames: dict[str, pd.DataFrame], gts: dict[str, pd.DataFrame], methods: list[str]) -> dict[str, dict[str, float]]:
-    """``{method: {subset: AP}}`` of the held-out boxes ``frames`` (dataset -> rows with the
-    score column of every method: ``score``, ``rank_score``, ``oracle_iou``, ``ensemble_score``)
-    against ``gts`` (dataset -> gt rows of the held-out images). ``single`` is box voting
-    (``multi``) on a multi-scale set; the other methods vote there too."""
-    with_subsets = [d for d in frames if gts[d][["easy", "medium", "hard"]].to_numpy().any()]
-    groups = [(with_subsets, True), ([d for d in frames if d not in with_subsets], False)]
-    result: dict[str, dict[str, float]] = {m: {} for m in methods}
-    for datasets, official in groups:
-        if not datasets:
-            continue
-        gt = pd.concat([gts[d].assign(image_id=d + "/" + gts[d]["image_id"]) for d in datasets], ignore_index=True)
-        boxes = pd.concat([frames[d].assign(image_id=d + "/" + frames[d]["image_id"]) for d in datasets], ignore_index=True)
-        multi_view = len(boxes[["scale", "flip"]].drop_duplicates()) > 1
-        for method in methods:
-            base = ("multi" if multi_view else "single") if method == "single" else method
-            final = fuse(boxes, base, NMS_IOU, NMS_KEEP, False)
-            ev = WiderFaceEval(gt, final).evaluate()
-            if official:
-                for s in SUBSETS:
-                    result[method][s] = ev.subset_curve(s).ap
-            else:
-                result[method]["all"] = ev.voc_all_curve().ap
-    return result
-
-
-def _rank_scores(kind: str, model, config, frame: pd.DataFrame, layout: Layout, dataset: str, device,
-                 batch_size: int) -> np.ndarray:
-    """``rank_score`` of every row of ``frame`` (boxes of one dataset and detector)."""
-    if kind == "gbm":
-        return gbm_rank_frame(frame, model, config)["rank_score"].to_numpy(np.float32)
-    table, _ = load_images_table(layout, dataset)
-    sizes = {r.image_id: (int(r.width), int(r.height)) for r in table.itertuples(index=False)}
-    paths = {r.image_id: (r.abspath, int(r.width), int(r.height)) for r in table.itertuples(index=False)}
-    ranked = rerank_frame(frame, model, config, sizes, lambda i: read_rgb(*paths[i]), device, batch_size)
-    return ranked["rank_score"].to_numpy(np.float32)
+def blind(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` without its ground-truth columns: what a ranker is allowed to score."""
+    return frame.drop(columns=[c for c in GT_COLUMNS if c in frame.columns])
 
 
 def run_cv(layout: Layout, name: str, variant: str, pool: list[str], detectors: list[str], train_detectors: list[str],
-           scales: str, folds: int, options: dict[str, Any], *, preset: str | None = None, device: str = "auto",
+           scales: str, folds: int, values: dict[str, Any], *, preset: str | None = None, device: str = "auto",
            workers: int = 0, batch_size: int = 8) -> pd.DataFrame:
-    """Cross-validate one ranker setting; writes and returns the variant's per-fold APs."""
-    kind, model_cfg, train_cfg = ranker_settings(options)
-    # a feature ranker's evidence set; a network variant given --evidence still gets the ensemble row
-    if isinstance(model_cfg, GbmConfig):
-        evidence = model_cfg.evidence
-    else:
-        evidence = tuple(parse_names(options["evidence"])) if options["evidence"] else ()
+    """Cross-validate one ranker setting; writes and returns the variant's per-fold APs, and
+    per fold ``images.parquet``: the (dataset, image id, role) of every image trained on and evaluated."""
+    kind, settings = settings_of(values)
+    # the ranker's evidence set; a variant without one may still name detectors for the ensemble row
+    evidence = settings.evidence_set or tuple(values.get("evidence") or ())
     assignment = pool_folds(layout, pool, folds)
     if evidence:  # every fold reads the same features: compute each detector's once, as `confrank features`
         for dataset in pool:
             for det in sorted(set(detectors) | set(train_detectors)):
                 ensure_features(layout, dataset, det, scales, evidence)
-    frames = held_out_frames(layout, pool, detectors, scales, evidence)
+    frames = held_out_frames(layout, kind, settings, pool, detectors, scales, evidence)
     gts = {d: read_gt(layout, d)[1] for d in pool}
+    contexts = {d: score_context(layout, d, pick_device(device), batch_size)[0] for d in pool}
     out_dir = layout.cv_variant_dir(name, variant)
-    dev = pick_device(device)
     methods = [m for m in METHODS if m != "ensemble" or evidence]
     rows = []
     for fold in range(1, folds + 1):
@@ -144,24 +102,22 @@ def run_cv(layout: Layout, name: str, variant: str, pool: list[str], detectors: 
         test_ids = {d: {i for i, f in a.items() if f == fold} for d, a in assignment.items()}
         fold_dir = out_dir / f"fold-{fold}"
         t0 = time.perf_counter()
-        if kind == "gbm":
-            train_gbm_ranker(layout, f"{name}/{variant}/fold-{fold}", pool, train_detectors, scales, model_cfg,
-                             chosen_ids=train_ids, out=fold_dir, threads=workers, preset=preset)
-        else:
-            train_ranker(layout, f"{name}/{variant}/fold-{fold}", pool, train_detectors, scales, model_cfg, train_cfg,
-                         device=device, workers=workers, pretrained=options["pretrained"], out=fold_dir,
-                         chosen_ids=train_ids, checkpoint_every=max(1, train_cfg.iterations // 4))
+        train(layout, f"{name}/{variant}/fold-{fold}", pool, train_detectors, scales, values, chosen=train_ids,
+              out=fold_dir, device=device, workers=workers, checkpoint_every=max(1, values.get("iterations", 4) // 4),
+              record={"preset": preset})
         seconds = time.perf_counter() - t0
-        model, config = load_ranker(fold_dir / "model.pt", dev)
+        loaded = load_ranker(fold_dir / "model.pt", pick_device(device))
+        evaluated = []
         for det in detectors:
             held = {}
             for dataset in pool:
                 frame = frames[(dataset, det)]
                 frame = frame[frame["image_id"].isin(test_ids[dataset])].reset_index(drop=True)
-                frame["rank_score"] = _rank_scores(kind, model, config, frame, layout, dataset, dev, batch_size)
+                frame["rank_score"] = loaded.score(blind(frame), contexts[dataset])
                 held[dataset] = frame
+                evaluated += [(dataset, i) for i in frame["image_id"].unique()]
             gt = {d: gts[d][gts[d]["image_id"].isin(test_ids[d])] for d in pool}
-            aps = evaluate_fold(held, gt, methods)
+            aps = evaluate_fold(held, gt, methods, NMS_IOU)
             for subset in aps["single"]:
                 groups = [d for d in pool if (subset == "all") != bool(gt[d][list(SUBSETS)].to_numpy().any())]
                 rows.append({
@@ -171,17 +127,31 @@ def run_cv(layout: Layout, name: str, variant: str, pool: list[str], detectors: 
                     "n_faces": sum(len(gt[d]) for d in groups),
                     "train_detectors": ",".join(train_detectors), "train_seconds": seconds,
                 })
+        _record_fold_images(fold_dir, evaluated)
         click.echo(f"cv {name}/{variant}: fold {fold}/{folds} trained in {seconds:.1f} s", err=True)
     table = pd.DataFrame(rows)
     table["delta"] = table["ap_rank"] - table["ap_single"]
     write_table(table, layout.cv_deltas(name, variant), "cv_deltas",
                 {"stage": "cv", "config": {"pool": pool, "detectors": detectors, "train_detectors": train_detectors,
-                                           "scales": scales, "folds": folds, "preset": preset, **_plain(options)}})
+                                           "scales": scales, "folds": folds, "preset": preset, **_plain(values)}})
     return table
 
 
-def _plain(options: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in sorted(options.items()) if isinstance(v, (str, int, float, bool)) or v is None}
+def _record_fold_images(fold_dir: Path, evaluated: list[tuple[str, str]]) -> None:
+    """``fold_dir/images.parquet``: the images the fold's ranker trained on (read back from its
+    ``train_images.txt``, written from the rows it trained on) and those it was scored on;
+    ConfrankError when an image is in both."""
+    trained = [tuple(line.split("\t", 1)) for line in (fold_dir / "train_images.txt").read_text().splitlines() if line]
+    overlap = sorted(set(trained) & set(evaluated))
+    if overlap:
+        raise ConfrankError(f"{fold_dir}: image {overlap[0]} was both trained on and evaluated")
+    table = pd.DataFrame([(d, i, "train") for d, i in trained] + [(d, i, "evaluate") for d, i in sorted(set(evaluated))],
+                         columns=["dataset", "image_id", "role"])
+    table.to_parquet(fold_dir / "images.parquet", index=False)
+
+
+def _plain(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(values.items())}
 
 
 def summary_markdown(summary: pd.DataFrame) -> str:
@@ -219,21 +189,20 @@ def cli() -> None:
 @click.option("--train-detectors", default=None,
               help="Detectors whose boxes the ranker trains on (default: --detectors); leave one out to measure "
                    "generalisation to an unseen detector.")
-@click.option("--scales", required=True, help="Scale set of the detections.")
+@scales_option()
 @click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True)
 @ranker_options
-@click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="DataLoader worker processes (network), or LightGBM threads (gbm; 0 = all cores).")
 @data_dir_option
 def run_cli(name: str, variant: str, pool: str, detectors: str, train_detectors: str | None, scales: str, folds: int,
-            preset: str | None, device: str, workers: int, data_dir: Path, **options) -> None:
+            preset: str | None, device: str, workers: int, data_dir: Path, **params) -> None:
     """Train on K-1 folds, evaluate single / rank / oracle / ensemble on the held-out fold."""
     layout = Layout.from_env(data_dir)
     dets = parse_names(detectors)
     table = run_cv(layout, name, variant, parse_names(pool), dets, parse_names(train_detectors) if train_detectors else dets,
-                   scales, folds, options, preset=preset, device=device, workers=workers)
+                   scales, folds, ranker_values(params), preset=preset, device=device, workers=workers)
     click.echo(summary_markdown(cv_summary(table)), nl=False)
 
 

@@ -62,11 +62,13 @@ def image_sizes(layout: Layout, dataset: str) -> tuple[dict[str, tuple[int, int]
     return {str(r.image_id): (int(r.width), int(r.height)) for r in table.itertuples(index=False)}, path
 
 
-def _features_config(dataset: str, detector: str, scales: str, evidence: Sequence[str]) -> dict[str, Any]:
+def _features_config(dataset: str, detector: str, scales: str, evidence: Sequence[str] | None) -> dict[str, Any]:
+    """The features' provenance config; ``evidence=None`` (any evidence set will do: the reader
+    does not use the evidence columns) matches a cached shard of any evidence set."""
     from pipeline.ranker.features import FEATURES
 
     return {"dataset": dataset, "detector": detector, "scales": scales,
-            "evidence": sorted(set(evidence) - {detector}), "features": list(FEATURES)}
+            "evidence": None if evidence is None else sorted(set(evidence) - {detector}), "features": list(FEATURES)}
 
 
 def _shard_index(path: Path) -> int:
@@ -117,18 +119,21 @@ def _cache_valid(cached: Path, source: Path, config: dict[str, Any]) -> bool:
     if not cached.is_file():
         return False
     meta = read_metadata(cached)
-    same = all(meta.get("config", {}).get(k) == config[k] for k in ("evidence", "features"))
+    keys = ("features",) if config["evidence"] is None else ("evidence", "features")
+    same = all(meta.get("config", {}).get(k) == config[k] for k in keys)
     return same and sha256_file(source) in meta.get("inputs", {}).values()
 
 
 def feature_shards(layout: Layout, dataset: str, detector: str, scales: str,
-                   evidence: Sequence[str]) -> list[tuple[int, pd.DataFrame, list[Path]]]:
+                   evidence: Sequence[str] | None) -> list[tuple[int, pd.DataFrame, list[Path]]]:
     """Features of every shard of one detector: (shard index, frame, files read) per shard.
 
     Cached shards (``confrank features``) are read when every one of them was made from its
-    source shard as it is now, with the same evidence set and feature list; otherwise the
-    features are computed on the fly (nothing is written), with the same result. Frames hold
-    the source shard's rows in the stored order (image, score descending).
+    source shard as it is now, with the same evidence set (any set when ``evidence`` is None:
+    a reader that ignores the evidence columns) and feature list; otherwise the features are
+    computed on the fly (nothing is written; with no other detector's boxes when ``evidence``
+    is None), with the same result. Frames hold the source shard's rows in the stored order
+    (image, score descending).
     """
     from pipeline.tables import read_table as read
 
@@ -137,7 +142,7 @@ def feature_shards(layout: Layout, dataset: str, detector: str, scales: str,
     cached = [layout.features(dataset, detector, scales, _shard_index(s)) for s in sources]
     if all(_cache_valid(c, s, config) for c, s in zip(cached, sources)):
         return [(_shard_index(c), read(c, "features"), [c]) for c in cached]
-    return compute_features(layout, dataset, detector, scales, evidence)
+    return compute_features(layout, dataset, detector, scales, evidence or ())
 
 
 def ensure_features(layout: Layout, dataset: str, detector: str, scales: str, evidence: Sequence[str]) -> None:

@@ -1,22 +1,20 @@
-"""`confrank train`: train the confidence ranker on oracle-annotated detections.
+"""`confrank train`: train a confidence ranker of any kind (:mod:`pipeline.ranker.registry`).
 
-Reads, for every dataset and detector given, the oracle shards
-``DATA/interim/oracle/dataset=D/detector=DET/scales=SET/part-K.parquet`` and the images
-table ``DATA/interim/index/D/images.parquet`` (image paths relative to the ``root`` stored
-in its provenance, or absolute). Writes ``DATA/processed/rankers/RNAME/``:
+Reads what the kind reads (``stages/rankerio.py``): the oracle shards
+``DATA/interim/oracle/dataset=D/detector=DET/scales=SET/part-K.parquet`` and the images table
+(``network``), or the per-box feature rows of ``confrank features`` (``gbm``; computed on the
+fly when there are none, joined with ``confrank image-features`` when it reads the image group).
+Writes ``DATA/processed/rankers/RNAME/``:
 
-- ``model.pt``: format tag, model config, fp32 weights, training config (read by rerank);
+- ``model.pt``: the kind's payload (format tag, settings, weights or trees, provenance);
 - ``train_log.parquet``: step, loss, lr, pair_accuracy, samples_per_s (``train_log`` schema);
 - ``loss.png``: loss and pair accuracy against the step;
-- ``checkpoint.pt``: model, optimizer, AMP scaler, step, log and RNG states, written
+- ``checkpoint.pt`` (network): model, optimizer, AMP scaler, step, log and RNG states, written
   atomically every ``--checkpoint-every`` steps; a rerun with the same arguments resumes
   from it (and, when it is complete, only rewrites the outputs);
-- ``train_images.txt``: the image ids trained on (``DATASET<TAB>IMAGE_ID`` per line).
+- ``train_images.txt``: ``DATASET<TAB>IMAGE_ID`` of every image whose rows were trained on.
 
-``--model gbm`` trains the feature ranker instead (``stages/rankers.py``): LightGBM on the
-per-box features of ``confrank features`` shards (computed on the fly when there are none),
-no checkpoint (it trains in minutes); ``--preset NAME`` fills every ranker option from
-``config/presets/NAME.yaml``.
+``--preset NAME`` fills every ranker option from ``config/presets/NAME.yaml``.
 """
 
 from __future__ import annotations
@@ -28,19 +26,19 @@ from pathlib import Path
 import click
 
 from pipeline.ranker.data import HALVES
-from stages.common import parse_names
+from stages.common import parse_names, scales_option
 from stages.layout import Layout, data_dir_option
-from stages.rankers import ranker_options, ranker_settings, train_gbm_ranker, train_ranker
+from stages.ranker_options import ranker_options, ranker_values
+from stages.rankerio import chosen_images, read_id_file, train
 
 
 @click.command("train")
 @click.option("--datasets", required=True, help="Comma-separated dataset names (indexed, with oracle shards).")
-@click.option("--detectors", required=True, help="Comma-separated detectors; each sample draws one at random.")
-@click.option("--scales", required=True, help="Scale set of the detections (original, 8k, wider-multi, 8k-multi).")
+@click.option("--detectors", required=True, help="Comma-separated detectors whose boxes the ranker trains on.")
+@scales_option()
 @click.option("--ranker", required=True, help="Name of the ranker (output folder).")
 @ranker_options
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=1000, show_default=True)
-@click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--images", "id_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Train only on the image ids listed in this file (one per line).")
 @click.option("--split-half", type=click.Choice(HALVES),
@@ -50,21 +48,15 @@ from stages.rankers import ranker_options, ranker_settings, train_gbm_ranker, tr
               help="DataLoader worker processes (network), or LightGBM threads (gbm; 0 = all cores).")
 @data_dir_option
 def cli(datasets: str, detectors: str, scales: str, ranker: str, preset: str | None, checkpoint_every: int,
-        id_file: Path | None, split_half: str | None, device: str, workers: int, data_dir: Path, **options) -> None:
+        id_file: Path | None, split_half: str | None, device: str, workers: int, data_dir: Path, **params) -> None:
     """Train the confidence ranker; rerunning a killed job resumes from its checkpoint."""
     layout = Layout.from_env(data_dir)
-    kind, model_cfg, train_cfg = ranker_settings(options)
-    if kind == "gbm":
-        summary = train_gbm_ranker(layout, ranker, parse_names(datasets), parse_names(detectors), scales, model_cfg,
-                                   half=split_half, id_file=id_file, threads=workers,
-                                   log_every=options["log_every"], preset=preset)
-        click.echo(f"train {ranker}: gbm, {model_cfg.trees} trees on {summary['rows']} boxes in "
-                   f"{summary['seconds']:.1f} s, pair accuracy {summary['pair_accuracy']:.3f} -> {layout.ranker_dir(ranker)}")
-        return
-    trainer = train_ranker(layout, ranker, parse_names(datasets), parse_names(detectors), scales, model_cfg, train_cfg,
-                           half=split_half, id_file=id_file, checkpoint_every=checkpoint_every, device=device,
-                           workers=workers, pretrained=options["pretrained"])
-    last = trainer.log[-1] if trainer.log else {}
-    acc = last.get("pair_accuracy", math.nan)
-    click.echo(f"train {ranker}: {trainer.step} steps, final loss {last.get('loss', math.nan):.4f}, "
-               f"pair accuracy {acc:.3f} -> {layout.ranker_dir(ranker)}")
+    names = parse_names(datasets)
+    record = {"preset": preset, "split_half": split_half, "images_file_ids": read_id_file(id_file) if id_file else None}
+    fitted = train(layout, ranker, names, parse_names(detectors), scales, ranker_values(params),
+                   chosen=chosen_images(layout, names, split_half, id_file), device=device, workers=workers,
+                   checkpoint_every=checkpoint_every, record=record)
+    s = fitted.summary
+    size = f"{params['model']}, {s['trees']} trees on {s['rows']} boxes in {s['seconds']:.1f} s" if "trees" in s else \
+        f"{params['model']}, {s['steps']} steps, final loss {s.get('loss', math.nan):.4f}"
+    click.echo(f"train {ranker}: {size}, pair accuracy {s.get('pair_accuracy', math.nan):.3f} -> {layout.ranker_dir(ranker)}")

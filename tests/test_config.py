@@ -99,7 +99,7 @@ def test_feature_ranker_settings_are_checked():
     with pytest.raises(ConfigError) as err:
         validate_config(config, SCHEMA, source="c.yaml")
     text = str(err.value)
-    assert "c.yaml: rankers.g: a gbm ranker needs the top-level 'evidence' list" in text
+    assert "c.yaml: rankers.g: a gbm ranker that reads other detectors' boxes needs the top-level 'evidence' list" in text
     assert "c.yaml: experiments[0].methods: 'ensemble' needs the top-level 'evidence' list" in text
     config["evidence"] = ["mtcnn", "slim"]
     with pytest.raises(ConfigError, match=r"rankers.g.evidence: \['retinaface-mnet025', 'slim', 'rfb'\] differs"):

@@ -82,7 +82,7 @@ def test_method_names_are_parsed_and_written_only_in_pipeline_methods():
 
 #: the stage-layer modules a stage may import: light helpers (no torch), the feature cache,
 #: the torch-heavy ranker training and re-scoring shared by train, rerank and cv, the paths
-SHARED_STAGE_MODULES = {"stages.common", "stages.featurestore", "stages.rankers", "stages.layout"}
+SHARED_STAGE_MODULES = {"stages.common", "stages.featurestore", "stages.rankerio", "stages.ranker_options", "stages.layout"}
 
 
 def test_a_stage_imports_no_other_stage_only_the_shared_modules():

@@ -15,7 +15,7 @@ from PIL import Image
 from pipeline.errors import FormatError
 from pipeline.imaging import decode_image, image_size, resize_cv2, resize_tensor, to_chw_tensor
 from pipeline.scales import SCALE_SETS, Scale
-from stages.rankers import read_rgb
+from stages.rankerio import read_rgb
 from tests.support import need_shared
 
 ROOT = Path(__file__).resolve().parent.parent

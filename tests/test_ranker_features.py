@@ -166,7 +166,7 @@ def test_gbm_learns_a_signal_and_is_deterministic(objective):
 
 
 def test_neighbour_pair_accuracy_counts_ties_as_half():
-    from stages.rankers import neighbour_pair_accuracy
+    from pipeline.ranker.registry import neighbour_pair_accuracy
 
     group = np.array([0, 0, 0, 1, 1])
     score = np.array([0.9, 0.8, 0.7, 0.9, 0.1])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.errors import ConfrankError
-from pipeline.ranker.model import (RankerConfig, box_statistics, build_ranker, model_from_payload,
+from pipeline.ranker.model import (RankerConfig, conf_width, box_statistics, build_ranker, model_from_payload,
                                    model_payload)
 
 
@@ -125,8 +125,8 @@ def test_bad_configs_rejected():
         RankerConfig(backbone="vgg")
     with pytest.raises(ConfrankError):
         RankerConfig(bpn_layers=4)
-    assert RankerConfig(backbone="mobilenet").conf_width == 64
-    assert RankerConfig().conf_width == 256
+    assert conf_width(RankerConfig(backbone="mobilenet")) == 64
+    assert conf_width(RankerConfig()) == 256
     with pytest.raises(ConfrankError, match="output must be one of"):
         RankerConfig(output="tanh")
 

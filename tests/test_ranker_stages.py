@@ -20,7 +20,14 @@ from stages import train as train_stage
 from stages.featurestore import compute_features, feature_shards
 from stages.layout import Layout
 from pipeline.config import PRESET_DIR, preset_names
-from stages.rankers import ranker_settings
+from pipeline.ranker.registry import settings_of
+from stages.ranker_options import ranker_values
+
+
+def ranker_settings(params):
+    """(kind name, settings) the registry makes of a command's resolved parameters."""
+    kind, settings = settings_of(ranker_values(params))
+    return kind.name, settings
 
 DETECTORS = ("detA", "detB")
 EVIDENCE = "detA,detB"
@@ -165,7 +172,7 @@ def test_paper_preset_is_the_default_and_cpu_is_not():
 
 
 def test_flags_override_the_preset():
-    kind, gbm, _ = ranker_settings(_options(train_stage.cli, ["--preset", "cpu", "--gbm-trees", "7"]))
+    kind, gbm = ranker_settings(_options(train_stage.cli, ["--preset", "cpu", "--gbm-trees", "7"]))
     assert kind == "gbm" and gbm.trees == 7
 
 

@@ -16,7 +16,7 @@ from pipeline.ranker.train import Trainer, TrainConfig, lr_at
 from pipeline.provenance import provenance
 from pipeline.tables import read_table, read_tables, shard_paths, write_table
 from stages import rerank as rerank_stage
-from stages import rankers
+from stages import rankerio
 from stages import train as train_stage
 from stages.layout import Layout
 
@@ -99,11 +99,12 @@ def test_lr_decays_exponentially_to_final():
 
 
 def _run(layout, ranker, stop_after=None, backbone="mobilenet", branch="fpn", iterations=4):
-    return rankers.train_ranker(
-        layout, ranker, ["toy"], ["detA", "detB"], "original",
-        RankerConfig(num_boxes=N, backbone=backbone, image_branch=branch, image_size=64),
-        TrainConfig(iterations=iterations, batch_size=3, log_every=1, n_pairs=3, lr=1e-3, lr_final=1e-4),
-        checkpoint_every=100, device="cpu", stop_after=stop_after)
+    values = {"model": "network", "num_boxes": N, "backbone": backbone, "image_branch": branch, "image_size": 64,
+              "iterations": iterations, "batch_size": 3, "log_every": 1, "n_pairs": 3, "lr": 1e-3, "lr_final": 1e-4}
+    fitted = rankerio.train(layout, ranker, ["toy"], ["detA", "detB"], "original", values,
+                            chosen=rankerio.chosen_images(layout, ["toy"], None, None), checkpoint_every=100,
+                            device="cpu", stop_after=stop_after)
+    return fitted.summary
 
 
 def test_resume_after_interruption_is_bit_exact(tmp_path):
@@ -112,7 +113,7 @@ def test_resume_after_interruption_is_bit_exact(tmp_path):
     make_dataset(tmp_path / "rawb", layout_b)
     _run(layout_a, "r")
     first = _run(layout_b, "r", stop_after=2)
-    assert first.step == 2 and not layout_b.ranker_model("r").exists()
+    assert first["steps"] == 2 and not layout_b.ranker_model("r").exists()
     assert (layout_b.ranker_dir("r") / "checkpoint.pt").exists()
     _run(layout_b, "r")  # a fresh process would do exactly this: rebuild, load checkpoint, go on
     a = torch.load(layout_a.ranker_model("r"), weights_only=True)["state_dict"]
@@ -134,9 +135,9 @@ def test_checkpoint_of_another_config_is_refused_unless_its_run_finished(tmp_pat
         _run(layout, "r", branch="none", iterations=5)
     # a finished run: changing a setting (what snakemake's params trigger reruns) retrains
     finished = _run(layout, "r", branch="none")
-    assert finished.step == 4
+    assert finished["steps"] == 4
     retrained = _run(layout, "r", branch="none", iterations=5)
-    assert retrained.step == 5 and "other settings; training from scratch" in capsys.readouterr().err
+    assert retrained["steps"] == 5 and "other settings; training from scratch" in capsys.readouterr().err
     assert len(read_table(layout.ranker_dir("r") / "train_log.parquet", "train_log")) == 5
 
 

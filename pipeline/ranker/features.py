@@ -40,6 +40,26 @@ EVIDENCE = ("ev_score_max", "ev_score_mean", "ev_score_min", "ev_iou_max", "ev_i
             "ev_score_x_iou")
 #: feature columns, in the order of :func:`box_features`' columns
 FEATURES: tuple[str, ...] = OWN + NEIGHBOURS + EVIDENCE
+#: the box feature groups by name (``image``, the image evidence, is pipeline.ranker.image_evidence's)
+GROUPS: dict[str, tuple[str, ...]] = {"own": OWN, "neighbours": NEIGHBOURS, "evidence": EVIDENCE}
+
+
+def feature_columns(groups: Sequence[str]) -> list[str]:
+    """The feature columns of ``groups`` (any of ``own, neighbours, evidence, image``), in the
+    fixed group order of :data:`pipeline.ranker.settings.FEATURE_GROUPS` whatever the order given."""
+    from pipeline.ranker.settings import FEATURE_GROUPS
+
+    columns: list[str] = []
+    for name in FEATURE_GROUPS:
+        if name not in groups:
+            continue
+        if name == "image":
+            from pipeline.ranker.image_evidence import IMAGE_FEATURES
+
+            columns += IMAGE_FEATURES
+        else:
+            columns += GROUPS[name]
+    return columns
 
 
 def _logit(p: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-LOSSES = ("pairwise", "ce", "l1", "l2", "smoothl1")
+from pipeline.ranker.settings import LOSSES
 
 
 def _pairs(pred: torch.Tensor, oracle: torch.Tensor, mask: torch.Tensor, k: int):

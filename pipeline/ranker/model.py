@@ -21,7 +21,6 @@ the samples of a batch, as in any CNN.)
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -32,6 +31,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.ops import FeaturePyramidNetwork, box_iou
 
 from pipeline.errors import ConfrankError
+from pipeline.ranker.settings import BACKBONE_NAMES, RankerConfig
 
 PAYLOAD_FORMAT = "confrank-ranker"
 PAYLOAD_VERSION = 1
@@ -42,58 +42,14 @@ BACKBONES: dict[str, tuple[str, str, dict[str, str], int]] = {
     # torchvision has no MobileNet v1; v2 is the closest small backbone it ships
     "mobilenet": ("mobilenet_v2", "MobileNet_V2_Weights", {"features.6": "0", "features.13": "1", "features.17": "2"}, 64),
 }
-IMAGE_BRANCHES = ("fpn", "none")
-#: how the residual meets the detector confidence (see RankerConfig)
-OUTPUTS = ("clip", "logit")
 #: detector confidences are clamped to [_EPS, 1 - _EPS] before the logit
 _EPS = 1e-6
+assert tuple(BACKBONES) == BACKBONE_NAMES
 
 
-@dataclass(frozen=True)
-class RankerConfig:
-    """Everything needed to rebuild a ranker (stored in model.pt).
-
-    ``image_branch="none"`` selects :class:`BoxStatsRanker` (``backbone`` is then unused).
-    ``output`` is how the residual meets the detector confidence c: ``clip`` (the paper:
-    clip(c + r, 0, 1)) or ``logit`` (sigmoid(logit(c) + r): never saturates, so no two boxes
-    are tied at 0 or 1 and every box keeps a gradient).
-    ``width`` is the FPN / confidence-module width (None: the backbone's default, 256 for
-    resnet50, 64 for mobilenet). ``image_size`` is the letterbox side in pixels.
-    """
-
-    num_boxes: int = 5000
-    backbone: str = "resnet50"
-    image_branch: str = "fpn"
-    width: int | None = None
-    bpn_channels: int = 64
-    bpn_layers: int = 9
-    image_size: int = 640
-    stats_topk: int = 4
-    hidden: int = 64
-    output: str = "clip"
-
-    def __post_init__(self) -> None:
-        if self.image_branch not in IMAGE_BRANCHES:
-            raise ConfrankError(f"image branch must be one of {IMAGE_BRANCHES}, got {self.image_branch!r}")
-        if self.image_branch == "fpn" and self.backbone not in BACKBONES:
-            raise ConfrankError(f"backbone must be one of {sorted(BACKBONES)}, got {self.backbone!r}")
-        if self.output not in OUTPUTS:
-            raise ConfrankError(f"output must be one of {OUTPUTS}, got {self.output!r}")
-        if self.num_boxes < 2:
-            raise ConfrankError(f"num_boxes must be at least 2, got {self.num_boxes}")
-        if self.bpn_layers % 3 or self.bpn_layers < 3:
-            raise ConfrankError(f"bpn_layers must be a positive multiple of 3, got {self.bpn_layers}")
-
-    @property
-    def uses_image(self) -> bool:
-        return self.image_branch != "none"
-
-    @property
-    def conf_width(self) -> int:
-        return self.width or BACKBONES[self.backbone][3]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+def conf_width(config: RankerConfig) -> int:
+    """The FPN / confidence-module width of ``config``: its ``width``, else the backbone's default."""
+    return config.width or BACKBONES[config.backbone][3]
 
 
 def _finish(residual: torch.Tensor, boxes: torch.Tensor, mask: torch.Tensor, output: str = "clip") -> torch.Tensor:
@@ -175,7 +131,7 @@ class ConfRanker(nn.Module):
         if taps < len(channels):
             raise ConfrankError(f"bpn_layers={config.bpn_layers} gives {taps} taps; the FPN needs {len(channels)}")
         self.bpn = BoxProcessingNetwork(config.bpn_channels, config.bpn_layers)
-        width = config.conf_width
+        width = conf_width(config)
         self.fpn = FeaturePyramidNetwork([c + config.bpn_channels for c in channels], width)
         self.heads = nn.ModuleList(ConfidenceHead(width, config.num_boxes) for _ in channels)
 

@@ -13,37 +13,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from pipeline.ranker.losses import LOSSES, pair_accuracy, ranker_loss
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation settings (defaults: seed 000, section 4.2)."""
-
-    iterations: int = 100_000
-    batch_size: int = 32
-    lr: float = 1e-3
-    lr_final: float = 1e-6
-    loss: str = "pairwise"
-    n_pairs: int = 10
-    margin: float = 0.0
-    log_every: int = 10
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        if self.iterations < 1 or self.batch_size < 1 or self.log_every < 1:
-            raise ValueError("iterations, batch_size and log_every must be positive")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+from pipeline.ranker.losses import pair_accuracy, ranker_loss
+from pipeline.ranker.settings import TrainConfig
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
