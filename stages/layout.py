@@ -7,6 +7,7 @@ DATA/interim/detections/dataset={d}/detector={det}/scales={set}/part-{k}.parquet
 DATA/interim/latency/dataset={d}/detector={det}/scales={set}/part-{k}.parquet
 DATA/interim/oracle/dataset={d}/detector={det}/scales={set}/part-{k}.parquet
 DATA/interim/features/dataset={d}/detector={det}/scales={set}/part-{k}.parquet
+DATA/interim/image_features/dataset={d}/detector={det}/scales={set}/part-{k}.parquet
 DATA/interim/reranked/ranker={r}/dataset={d}/detector={det}/scales={set}/part-{k}.parquet
 DATA/processed/rankers/{ranker}/model.pt, train_log.parquet, loss.png, checkpoint.pt
 DATA/processed/final/{dataset}/{detector}/{scales}/{method}.parquet
@@ -91,6 +92,12 @@ class Layout:
 
     def features(self, dataset: str, detector: str, scales: str, shard: int) -> Path:
         return self.features_dir(dataset, detector, scales) / f"part-{shard}.parquet"
+
+    def image_features_dir(self, dataset: str, detector: str, scales: str) -> Path:
+        return self._shard_dir("image_features", dataset, detector, scales)
+
+    def image_features(self, dataset: str, detector: str, scales: str, shard: int) -> Path:
+        return self.image_features_dir(dataset, detector, scales) / f"part-{shard}.parquet"
 
     def reranked_dir(self, ranker: str, dataset: str, detector: str, scales: str) -> Path:
         return self.root / "interim" / "reranked" / f"ranker={ranker}" / f"dataset={dataset}" / f"detector={detector}" / f"scales={scales}"
