@@ -4,7 +4,8 @@ Laid out as the Snakemake catalog workflows: this file holds the config, its val
 the includes and the target rules. rules/common.smk has the helpers (every path comes from
 stages.layout.Layout); one .smk per stage family holds its rules, each named after the
 `confrank` command it shells: data (sample, index, subset), detect (detect, oracle), ranker
-(features, train, rerank, cv, cv_summary), postprocess (nms, evaluate), report (report).
+(features, train, rerank, cv, cv_summary), evidence (image_features), postprocess (nms, evaluate),
+report (report).
 
 Targets: all (default: the report and every configured table), detect_all, train_all,
 evaluate_all, cv_all, report.
@@ -30,6 +31,7 @@ include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/detect.smk"
 include: "rules/ranker.smk"
+include: "rules/evidence.smk"
 include: "rules/postprocess.smk"
 include: "rules/report.smk"
 
