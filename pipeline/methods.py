@@ -1,12 +1,14 @@
 """The method of a result: how a detector's boxes became final boxes, and its stored name.
 
-One place parses and writes method names, for the config, the rules, the nms, evaluate and
-submission stages and the report:
+One place parses and writes method names, for the config, the rules, the nms, fuse, evaluate
+and submission stages and the report:
 
 - ``single``: NMS of a one-scale set; ``multi``: box voting over a multi-scale set;
 - ``oracle``: the score replaced by the oracle IoU (the upper bound);
 - ``ensemble``: the training-free ensemble score of ``confrank features``;
 - ``imported``: boxes of a WiderFace submission folder, scored as they are;
+- ``wbf``: Weighted Boxes Fusion of several detectors (``confrank fuse``; the result's
+  "detector" is the fusion's name);
 - ``rank-{ranker}``: the score replaced by ranker ``ranker``'s ``rank_score``.
 
 The name is the file stem of final boxes and metrics (``{method}.parquet``, ``{method}.json``).
@@ -19,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 #: every method kind; ``rank`` is the one that names a ranker
-KINDS = ("single", "multi", "oracle", "ensemble", "imported", "rank")
+KINDS = ("single", "multi", "oracle", "ensemble", "imported", "wbf", "rank")
 RANK_PREFIX = "rank-"
 
 

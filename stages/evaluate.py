@@ -1,6 +1,7 @@
 """``confrank evaluate``: WiderFace AP of final boxes, PR curves and their plot.
 
-Reads ``Layout.final`` and the ``gt`` table (no images needed) and writes
+Reads ``Layout.final`` (of ``confrank nms``, ``import`` or ``fuse``: for a fused result the
+detector is the fusion's name) and the ``gt`` table (no images needed) and writes
 ``Layout.metrics`` (JSON: APs, counts, the NMS settings and score transform of the boxes,
 provenance), ``Layout.pr_curves`` (``pr`` table) and, with ``--plot``, ``Layout.pr_plot``
 (PNG: one panel per subset, AP in the legend; the DAG asks for it). Drawing costs more than
@@ -16,12 +17,19 @@ from pathlib import Path
 import click
 
 from pipeline.errors import MissingInputError
+from pipeline.methods import Method
 from pipeline.metrics import SUBSETS, WiderFaceEval
 from pipeline.atomic_io import atomic_output, write_text_atomic
 from pipeline.provenance import provenance
 from pipeline.tables import read_metadata, read_table, write_table
 from stages.common import method_name, method_options, read_gt, scales_option
 from stages.layout import Layout, data_dir_option
+
+#: the settings of the final boxes' stage (nms, fuse) copied into the metrics
+POSTPROCESS_KEYS = ("iou", "keep", "keep_singletons", "fusion", "score_column",
+                    "detectors", "iou_thr", "skip_box_thr", "conf_type", "package")
+#: method kinds written by ``confrank fuse`` (the result's detector is the fusion's name)
+FUSED = ("wbf",)
 
 
 def plot_curves(pr, title: str, aps: dict[str, float], path: Path) -> None:
@@ -69,14 +77,16 @@ def cli(dataset: str, detector: str, method: str, scales: str, ranker: str | Non
     name = method_name(method, ranker)
     final_path = layout.final(dataset, detector, scales, name)
     if not final_path.is_file():
-        raise MissingInputError(f"{final_path}: no final boxes; run `confrank nms` (or `confrank import`) for this method first")
+        hint = (f"`confrank fuse --name {detector} --method {name} ...`" if Method.parse(name).kind in FUSED
+                else "`confrank nms` (or `confrank import`)")
+        raise MissingInputError(f"{final_path}: no final boxes; run {hint} for this method first")
     gt_path, gt = read_gt(layout, dataset)
     dets = read_table(final_path, "final")
     evaluation = WiderFaceEval(gt, dets).evaluate()
     source = read_metadata(final_path)
     result = {"dataset": dataset, "detector": detector, "scales": scales, "method": name, **evaluation.summarize()}
     config = source.get("config", {})
-    result["postprocess"] = {k: config[k] for k in ("iou", "keep", "keep_singletons", "fusion", "score_column") if k in config}
+    result["postprocess"] = {k: config[k] for k in POSTPROCESS_KEYS if k in config}
     result["score_transform"] = config.get("score_transform", "none")
     meta = provenance("evaluate", {k: result[k] for k in ("dataset", "detector", "scales", "method")}, inputs=[final_path, gt_path])
     pr = evaluation.pr_table()

@@ -11,7 +11,7 @@ from pipeline.methods import KINDS, Method, family, rank, ranker_of, wildcard_pa
 
 @pytest.mark.parametrize("name, kind, ranker", [
     ("single", "single", None), ("multi", "multi", None), ("oracle", "oracle", None),
-    ("ensemble", "ensemble", None), ("imported", "imported", None), ("rank-small", "rank", "small"),
+    ("ensemble", "ensemble", None), ("imported", "imported", None), ("wbf", "wbf", None), ("rank-small", "rank", "small"),
     ("rank-rank-x", "rank", "rank-x"),
 ])
 def test_a_name_parses_to_its_kind_and_ranker_and_back(name, kind, ranker):
@@ -46,3 +46,13 @@ def test_wildcard_pattern_matches_exactly_the_configured_names():
     assert [n for n in ("single", "oracle", "rank-a", "rank-ab", "rank-b", "multi", "rank-", "single2")
             if pattern.match(n)] == ["single", "oracle", "rank-a", "rank-ab"]
     assert wildcard_pattern(("rank",), []) == "(?!)" and "rank" in KINDS
+
+
+def test_wbf_is_a_method_of_its_own_that_takes_no_ranker():
+    assert "wbf" in KINDS and str(Method.from_options("wbf", None)) == "wbf"
+    with pytest.raises(ValueError, match="takes no ranker"):
+        Method("wbf", "r1")
+    with pytest.raises(ValueError, match="expected one of .*wbf"):
+        Method.parse("wbf2")
+    pattern = re.compile(f"^(?:{wildcard_pattern(('single', 'wbf'), [])})$")
+    assert [n for n in ("wbf", "single", "wbf-x") if pattern.match(n)] == ["wbf", "single"]
