@@ -20,8 +20,10 @@ outputs at the box:
 - ``img_region_prob_max`` / ``img_region_prob_mean``: the largest and the mean face
   probability over the box's area at its own level; ``img_region_prob_up``: the largest one
   at the next coarser level (high when the box is a part of a larger face);
-- ``img_level``: the box's level (0, 1, 2: strides 8, 16, 32 of the network input) plus its
-  log-distance to the level's anchor size, so a tree can tell a box between two levels;
+- ``img_level``: where the box's size falls on the network's anchor pyramid: its level
+  (0, 1, 2: strides 8, 16, 32; :meth:`ImageEvidence.box_levels`) plus the log-distance to
+  that level's anchor size in units of the level spacing (for the RetinaFace anchors, 4x
+  apart, this is log4(side / 22.6 px), side in network-input pixels);
 - ``img_image_prob``: the image's largest face probability (the same for every box of it);
 - ``img_input_scale``: the resize factor of the network input (1 when not resized);
 - ``img_f00`` .. ``img_f15``: the network's SSH context features (64 channels) averaged over
