@@ -115,7 +115,9 @@ class Matches:
     to the same face, -1 when none: a detection recalls its face at IoU threshold t exactly
     when ``prev_iou < t <= iou``, so no threshold needs its own pass over the faces;
     first: (D,) index of the first of the descending score thresholds the normalised score
-    passes (``n_thresholds`` when it passes none, NaN included).
+    passes (``n_thresholds`` when it passes none, NaN included); gt_image: (D,) index of
+    the detection's image into :attr:`WiderFaceEval.image_ids`, -1 when the image has no
+    ground-truth faces.
     """
 
     image: np.ndarray
@@ -126,6 +128,7 @@ class Matches:
     in_gt: np.ndarray
     prev_iou: np.ndarray
     first: np.ndarray
+    gt_image: np.ndarray | None = None
 
 
 @dataclass
@@ -182,7 +185,8 @@ class WiderFaceEval:
             face[lo:hi] = g0 + best
         norm = normalise_scores(score)
         self.matches = Matches(det_image, score, norm, iou, face, has_gt[det_image],
-                               _previous_best(face, iou), self._first_threshold(norm))
+                               _previous_best(face, iou), self._first_threshold(norm),
+                               gt_image=np.where(has_gt, where, -1)[det_image])
         self._subset_curves.clear()
         return self
 
@@ -193,6 +197,31 @@ class WiderFaceEval:
         passed = np.searchsorted(thresholds[::-1], norm_score, side="right")
         passed[np.isnan(norm_score)] = 0
         return self.n_thresholds - passed
+
+    # -------------------------------------------------------------- image weights
+
+    @property
+    def image_ids(self) -> np.ndarray:
+        """The images of the ground truth (those with faces), sorted: the population that
+        image weights (and the bootstrap) index."""
+        return np.unique(self._ids)
+
+    def face_image(self) -> np.ndarray:
+        """Index into :attr:`image_ids` of each ``gt`` row (rows as given)."""
+        face_image = np.empty(len(self._ids), dtype=np.int64)
+        face_image[self._order] = np.searchsorted(self.image_ids, self._ids)
+        return face_image
+
+    def detection_weights(self, weights: np.ndarray) -> np.ndarray:
+        """Integer multiplicity of each detection (evaluation order) for per-image
+        ``weights`` (one non-negative integer per :attr:`image_ids`); detections of images
+        without ground-truth faces are not resampled and keep multiplicity 1."""
+        if self.matches is None:
+            self.evaluate()
+        w = np.asarray(weights)
+        if w.shape != (len(self.image_ids),) or (w.dtype.kind not in "iu" and not np.array_equal(w, np.round(w))) or (w < 0).any():
+            raise ValueError(f"weights: one non-negative integer per ground-truth image ({len(self.image_ids)}), got shape {w.shape}")
+        return np.r_[w.astype(np.int64), 1][self.matches.gt_image]
 
     # -------------------------------------------------------------- accumulate (curves)
 
@@ -211,28 +240,43 @@ class WiderFaceEval:
         tp = matched & face_kept & (m.prev_iou < iou_threshold)
         return proposal, tp
 
-    def widerface_curve(self, keep: np.ndarray, iou_threshold: float = 0.5) -> Curve:
-        """The port's PR curve and AP for faces ``keep`` (bool per row of ``gt``; others ignored)."""
+    def widerface_curve(self, keep: np.ndarray, iou_threshold: float = 0.5, weights: np.ndarray | None = None) -> Curve:
+        """The port's PR curve and AP for faces ``keep`` (bool per row of ``gt``; others ignored).
+
+        ``weights`` (one non-negative integer per :attr:`image_ids`) counts each image that
+        many times: the curve of a dataset where those images are physically repeated (0:
+        left out), except that the score normalisation stays the one of the full prediction
+        set (so the matching and threshold indices stay cached).
+        """
         if self.matches is None:
             self.evaluate()
         m = self.matches
         proposal, tp = self._flags(np.asarray(keep, dtype=bool), iou_threshold)
         thresholds = score_thresholds(self.n_thresholds)
-        # per threshold: the detections whose score first passes it, then cumulative counts
-        n_prop = np.cumsum(np.bincount(m.first[m.in_gt & proposal], minlength=self.n_thresholds + 1)[:-1]).astype(np.float64)
-        n_tp = np.cumsum(np.bincount(m.first[m.in_gt & tp], minlength=self.n_thresholds + 1)[:-1]).astype(np.float64)
-        count_face = float(np.count_nonzero(keep))
+        if weights is None:
+            # per threshold: the detections whose score first passes it, then cumulative counts
+            n_prop = np.cumsum(np.bincount(m.first[m.in_gt & proposal], minlength=self.n_thresholds + 1)[:-1]).astype(np.float64)
+            n_tp = np.cumsum(np.bincount(m.first[m.in_gt & tp], minlength=self.n_thresholds + 1)[:-1]).astype(np.float64)
+            count_face = float(np.count_nonzero(keep))
+        else:
+            wd = self.detection_weights(weights).astype(np.float64)  # integers: sums stay exact
+            n_prop = np.cumsum(np.bincount(m.first[m.in_gt & proposal], wd[m.in_gt & proposal], minlength=self.n_thresholds + 1)[:-1])
+            n_tp = np.cumsum(np.bincount(m.first[m.in_gt & tp], wd[m.in_gt & tp], minlength=self.n_thresholds + 1)[:-1])
+            count_face = float(np.asarray(weights, dtype=np.int64)[self.face_image()[np.asarray(keep, dtype=bool)]].sum())
         with np.errstate(divide="ignore", invalid="ignore"):
             precision = n_tp / n_prop
             recall = n_tp / count_face
         return Curve(thresholds, recall, precision, voc_ap(recall, precision))
 
-    def voc_curve(self, keep: np.ndarray | None = None, iou_threshold: float = 0.5) -> Curve:
+    def voc_curve(self, keep: np.ndarray | None = None, iou_threshold: float = 0.5, weights: np.ndarray | None = None) -> Curve:
         """Plain VOC AP (all points): detections of all images ranked by raw score.
 
         ``keep`` marks the faces that count (others are 'difficult': a detection matched to
         one is ignored); default every face. Detections in images without faces are false
         positives. ``threshold`` holds each detection's raw score in rank order.
+        ``weights`` (one non-negative integer per :attr:`image_ids`) counts each image that
+        many times, exactly as physically repeated copies placed right after it in image
+        order would rank (tied scores: by image, then copy, then position in the image).
         """
         if self.matches is None:
             self.evaluate()
@@ -241,9 +285,20 @@ class WiderFaceEval:
         proposal, tp = self._flags(keep, iou_threshold)
         order = np.argsort(-m.score, kind="stable")
         order = order[proposal[order]]
+        npos = float(np.count_nonzero(keep))
+        if weights is not None:
+            # runs of equal score within one image, each repeated as a block per copy
+            s, im = m.score[order], m.image[order]
+            start = np.flatnonzero(np.r_[True, (im[1:] != im[:-1]) | ~((s[1:] == s[:-1]) | (np.isnan(s[1:]) & np.isnan(s[:-1])))])
+            size = np.diff(np.r_[start, len(order)])
+            copies = self.detection_weights(weights)[order[start]]
+            block = np.repeat(np.arange(len(start)), copies)
+            length = size[block]
+            offset = np.arange(int(length.sum())) - np.repeat(np.cumsum(length) - length, length)
+            order = order[np.repeat(start[block], length) + offset]
+            npos = float(np.asarray(weights, dtype=np.int64)[self.face_image()[keep]].sum())
         ctp = np.cumsum(tp[order]).astype(np.float64)
         cfp = np.cumsum(~tp[order]).astype(np.float64)
-        npos = float(np.count_nonzero(keep))
         with np.errstate(divide="ignore", invalid="ignore"):
             recall = ctp / npos
             precision = ctp / np.maximum(ctp + cfp, np.finfo(np.float64).eps)
@@ -255,11 +310,14 @@ class WiderFaceEval:
         """True when the ground truth carries easy/medium/hard keep lists."""
         return all(s in self.gt for s in SUBSETS) and bool(self.gt[list(SUBSETS)].to_numpy().any())
 
+    def voc_keep_mask(self) -> np.ndarray:
+        """The faces :meth:`voc_all_curve` counts: every face not marked ``ignore``."""
+        return ~self.gt["ignore"].to_numpy(bool) if "ignore" in self.gt else np.ones(len(self.gt), dtype=bool)
+
     def voc_all_curve(self) -> Curve:
         """:meth:`voc_curve` over every face not marked ``ignore``; computed once."""
         if "voc" not in self._subset_curves:
-            keep_all = ~self.gt["ignore"].to_numpy(bool) if "ignore" in self.gt else None
-            self._subset_curves["voc"] = self.voc_curve(keep_all)
+            self._subset_curves["voc"] = self.voc_curve(self.voc_keep_mask())
         return self._subset_curves["voc"]
 
     def subset_curve(self, subset: str, iou_threshold: float = 0.5) -> Curve:
