@@ -31,7 +31,8 @@ from pipeline.errors import ConfrankError, MissingInputError
 from pipeline.fusion import CONF_TYPES, FUSIONS
 from pipeline.provenance import provenance
 from pipeline.tables import read_metadata, read_table, read_tables, shard_paths, write_table
-from stages.common import DETECTION_SORT, dask_scheduler_option, map_shards, method_name, parse_names, require_shards
+from stages.common import (DETECTION_SORT, dask_scheduler_option, map_shards, method_name, parse_names, require_shards,
+                           scales_option)
 from stages.layout import Layout, data_dir_option
 
 #: a fusion's name is a folder name under processed/final/{dataset}/
@@ -110,7 +111,7 @@ PACKAGES = {"wbf": "ensemble-boxes"}
 @click.command("fuse")
 @click.option("--dataset", required=True, help="Dataset name.")
 @click.option("--detectors", required=True, help="Comma-separated detectors whose boxes are fused (each needs shards of --scales).")
-@click.option("--scales", required=True, help="Scale set of the shards (original, 8k, wider-multi, 8k-multi, ...).")
+@scales_option(help="Scale set of the shards.")
 @click.option("--method", type=click.Choice(sorted(FUSIONS)), required=True,
               help="wbf: Weighted Boxes Fusion (ensemble-boxes) after NMS per detector.")
 @click.option("--name", required=True, help="Name of the fused result: the detector name under which it is stored and evaluated.")

@@ -26,7 +26,7 @@ import click
 
 from pipeline.errors import ConfrankError, MissingInputError
 from pipeline.tables import read_metadata, read_table, shard_paths
-from stages.common import DETECTION_SORT, pick_device, require_shards
+from stages.common import DETECTION_SORT, pick_device, require_shards, scales_option
 from stages.layout import Layout, data_dir_option
 
 #: images decoded (and resized) ahead of the network, in a thread
@@ -149,7 +149,7 @@ def run_image_features(layout: Layout, dataset: str, detector: str, scales: str,
 @click.command("image-features")
 @click.option("--dataset", required=True, help="Dataset name.")
 @click.option("--detector", required=True, help="Detector whose boxes are described.")
-@click.option("--scales", required=True, help="Scale set of the detections.")
+@scales_option()
 @click.option("--device", default="auto", show_default=True, help="auto (cuda when available), cpu, cuda or cuda:N.")
 @click.option("--evidence-net", default="retinaface-mnet025", show_default=True,
               help="RetinaFace-family detector whose network reads the image (retinaface-mnet025, "
