@@ -25,7 +25,8 @@ from stages.layout import Layout
 from stages.common import ROOT, snakemake_command
 from tests.test_table_trees import assert_tree_opens_everywhere
 
-pytestmark = pytest.mark.xdist_group("dag")
+# slow: every test but one runs snakemake (about 7 s a call on the 2-core machine)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("dag")]
 
 TRIGGER_CONFIG = {
     "datasets": {"sample": {"source": "sample", "max_images": 2}},

@@ -110,6 +110,7 @@ def test_skip_does_not_depend_on_how_or_where_it_was_run(tmp_path, shared, monke
     assert computed and meta["code"] == "0" * 16 and meta["rule"] == ""
 
 
+@pytest.mark.slow
 def test_multi_scale_set_with_flips(tmp_path, shared):
     layout, _, _ = make_dataset(tmp_path, shared, n=1)
     path, _ = run_detect("tiny", "slim", "wider-multi", (0, 1), layout, torch.device("cpu"), workers=0)

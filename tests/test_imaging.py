@@ -96,6 +96,7 @@ def _resize_both(image: np.ndarray, scale: Scale) -> tuple[np.ndarray, np.ndarra
     return ours, reference
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None)
 @given(st.integers(2, 200), st.integers(2, 200), st.integers(1, 1500), st.sampled_from(["long", "short"]),
        st.integers(0, 2**31))

@@ -192,6 +192,7 @@ EXPECTED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("archive", sorted(EXPECTED), ids=lambda a: a[1])
 def test_shared_submissions_reproduce_the_official_ap(official_gt, archive):
     from tests.support import need_shared

@@ -125,6 +125,7 @@ def test_batch_equals_single_images(detector, shared):
         torch.testing.assert_close(got.scores, want.scores, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_widerface416_recall(detector, shared):
     """Recall at IoU 0.5 of valid faces >= 30 px tall, on every third image (31 images).
 

@@ -191,6 +191,7 @@ def test_unknown_preset_and_bad_key_name_the_file(tmp_path):
         _options(train_stage.cli, ["--preset", str(bad)])
 
 
+@pytest.mark.slow
 def test_cv_run_and_summary(pool):
     args = ["--name", "x", "--pool", "toy,toy2", "--detectors", "detA,detB", "--scales", "original", "--folds", "3",
             "--model", "gbm", "--evidence", EVIDENCE, "--gbm-trees", "10", "--gbm-min-leaf", "5", "--workers", "1"]

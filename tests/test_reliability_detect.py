@@ -120,6 +120,7 @@ def temporaries(folder: Path) -> list[Path]:
     return sorted(folder.glob(".*.tmp"))
 
 
+@pytest.mark.slow
 def test_kill_between_batches_leaves_nothing_and_rerun_is_bit_identical(tmp_path, capsys, weights_dir, reference):
     layout = index_w416(tmp_path / "killed", capsys)
     kill_at("after-first-batch", layout.root, weights_dir)
@@ -131,6 +132,7 @@ def test_kill_between_batches_leaves_nothing_and_rerun_is_bit_identical(tmp_path
     assert len(read_table(latency, "latency")) == 12
 
 
+@pytest.mark.slow
 def test_kill_while_writing_keeps_the_old_file_and_stale_temporaries_are_harmless(
         tmp_path, capsys, weights_dir, reference):
     layout = index_w416(tmp_path / "killed", capsys)

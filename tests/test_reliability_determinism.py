@@ -106,6 +106,7 @@ def test_same_inputs_give_byte_identical_outputs(tmp_path, capsys, weights_dir, 
 CHAIN = "import json, sys\nfrom stages.cli import main\nfor args in json.loads(sys.argv[1]):\n    main(args)\n"
 
 
+@pytest.mark.slow
 def test_oracle_nms_rerank_evaluate_are_identical_across_processes(tmp_path, capsys, weights_dir, monkeypatch,
                                                                      one_torch_thread):
     """The CPU stages after detect, each chain in its own interpreter (another hash seed):

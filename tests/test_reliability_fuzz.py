@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from pipeline.errors import FormatError
@@ -115,6 +116,7 @@ def test_split_txt_structured_fuzz(clean, data):
     check_parse(parse_split_txt, data.draw(corruption(lines)), None)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(label_text(), st.data())
 def test_label_txt_structured_fuzz(clean, data):

@@ -62,6 +62,7 @@ def outputs_of_detect(data: Path) -> list[Path]:
     return sorted(p for sub in ("detections", "latency") for p in (data / "interim" / sub).rglob("*") if p.is_file())
 
 
+@pytest.mark.slow
 def test_full_disk_during_detect_prints_one_line_and_leaves_nothing(tmp_path, capsys, weights_dir):
     if not os.path.exists("/dev/full"):
         pytest.skip("/dev/full is not available")
@@ -77,6 +78,7 @@ def test_full_disk_during_detect_prints_one_line_and_leaves_nothing(tmp_path, ca
     assert rerun.returncode == 0 and shard.is_file(), rerun.stderr
 
 
+@pytest.mark.slow
 def test_weights_file_that_is_not_a_checkpoint_prints_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
     cache = tmp_path / "cache"
     junk = tmp_path / "Resnet50_Final.pth"

@@ -81,6 +81,7 @@ def by_hand(workdir: Path, weights: Path, capsys, monkeypatch) -> None:
     capsys.readouterr()
 
 
+@pytest.mark.slow
 def test_killed_snakemake_run_completes_with_rerun_incomplete(tmp_path, weights_dir, capsys, monkeypatch,
                                                              one_torch_thread):
     killed, manual = tmp_path / "killed", tmp_path / "manual"

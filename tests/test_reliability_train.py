@@ -118,6 +118,7 @@ def assert_same_model(got: Layout, expected: Layout) -> None:
     assert log_got.equals(log_expected) and log_got["step"].tolist() == list(range(1, ITERATIONS + 1))
 
 
+@pytest.mark.slow
 def test_kill_between_checkpoints_resumes_to_an_identical_model(tmp_path, reference):
     layout = Layout(tmp_path / "killed")
     make_dataset(tmp_path / "raw", layout)
@@ -130,6 +131,7 @@ def test_kill_between_checkpoints_resumes_to_an_identical_model(tmp_path, refere
     assert checkpoint_step(ckpt) == ITERATIONS
 
 
+@pytest.mark.slow
 def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, reference):
     layout = Layout(tmp_path / "killed")
     make_dataset(tmp_path / "raw", layout)
