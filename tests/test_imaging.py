@@ -122,6 +122,7 @@ def test_every_scale_set_samples_with_step_one_over_r(name):
             assert np.abs(ours - reference).max() < 0.02, (scale, width, height)
 
 
+@pytest.mark.slow
 def test_8k_resize_of_a_real_photo_equals_opencv():
     """group_1600.jpg (1600x898) at 8K: r = 4.8, 898 r = 4310.4. Sampling with 898/4310
     instead of 1/4.8 differed from OpenCV by up to 18 grey levels (mean 0.6)."""

@@ -61,6 +61,7 @@ def test_subset_halves_partition_the_dataset(tmp_path, capsys):
     assert code == 1 and "index of dataset 'nope' not found" in err
 
 
+@pytest.mark.slow
 def test_index_ground_truth_only(tmp_path, capsys):
     code, out, _ = run_cli(["index", "--name", "val", "--root", str(need_shared("widerface")), "--data-dir", str(tmp_path)], capsys)
     assert code == 0 and "3226 images, 39708 faces" in out

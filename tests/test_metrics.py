@@ -127,6 +127,7 @@ def test_random_cases_equal_the_reference(seed):
             assert e.widerface_curve(e.keep_mask(s), iou).ap == pytest.approx(want[s], abs=1e-12)
 
 
+@pytest.mark.slow
 def test_ap_50_95_and_ap_by_attribute_equal_the_reference_on_their_keep_lists():
     """``ap_50_95`` is the mean of the reference port's AP at IoU 0.50, 0.55, ..., 0.95, and
     ``ap_by_attribute[attr][v]`` the reference port's AP with the keep list "hard faces whose

@@ -107,6 +107,7 @@ def _run(layout, ranker, stop_after=None, backbone="mobilenet", branch="fpn", it
     return fitted.summary
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_is_bit_exact(tmp_path):
     layout_a, layout_b = Layout(tmp_path / "a"), Layout(tmp_path / "b")
     make_dataset(tmp_path / "rawa", layout_a)
