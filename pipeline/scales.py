@@ -3,8 +3,8 @@
 A :class:`Scale` resizes an image so that its long (or short) edge is ``target`` pixels,
 keeping the aspect ratio, optionally flipped horizontally; ``target == 0`` keeps the image's
 own size. The detections table stores ``scale = target`` (0 for the original size) and ``flip``.
-A :class:`ScaleSet` is a named tuple of such views; :data:`SCALE_SETS` is the one registry of
-them and :func:`scale_set` looks one up by name.
+A :class:`ScaleSet` is a name and a sequence of such views; :data:`SCALE_SETS` is the one
+registry of them and :func:`scale_set` looks one up by name.
 """
 
 from __future__ import annotations
