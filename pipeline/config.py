@@ -29,12 +29,13 @@ class ConfigError(ConfrankError):
 
 
 class Result(NamedTuple):
-    """One evaluated result: final boxes and metrics of one method."""
+    """One evaluated result: final boxes and metrics of one method (for ``wbf``, ``detector`` is
+    the name of a fusion in the config's ``fusions``)."""
 
     dataset: str
     detector: str
     scales: str
-    method: str  # a stored method name (pipeline.methods): single, multi, oracle, ensemble or rank-{ranker}
+    method: str  # a stored method name (pipeline.methods): single, multi, oracle, ensemble, wbf or rank-{ranker}
 
     @property
     def ranker(self) -> str | None:
@@ -163,6 +164,16 @@ def _semantic_errors(config: Mapping[str, Any]) -> list[str]:
             problems.append(f"{where}.methods: 'rank' needs at least one ranker in 'rankers'")
         if "ensemble" in exp["methods"] and not evidence:
             problems.append(f"{where}.methods: 'ensemble' needs the top-level 'evidence' list of detectors")
+        fusions = config.get("fusions") or {}
+        for j, fname in enumerate(exp.get("fusions") or []):
+            if fname not in fusions:
+                problems.append(f"{where}.fusions[{j}]: {_known('fusion', fname, fusions)}")
+        if "wbf" in exp["methods"] and not _experiment_fusions(exp, fusions):
+            problems.append(f"{where}.methods: 'wbf' needs at least one fusion in the top-level 'fusions'")
+    for name, fusion in (config.get("fusions") or {}).items():
+        check_names(f"fusions.{name}", fusion["detectors"], [], [])
+        if name in DETECTORS:
+            problems.append(f"fusions.{name}: a fusion cannot be named like a detector (its result is stored under its name)")
     return problems
 
 
@@ -175,7 +186,8 @@ def expand(config: Mapping[str, Any]) -> list[Result]:
     """Every result the experiments ask for, without duplicates, in config order.
 
     ``single`` applies only to single-scale sets and ``multi`` only to multi-scale sets;
-    ``rank`` becomes one ``rank-{ranker}`` result per ranker of the experiment.
+    ``rank`` becomes one ``rank-{ranker}`` result per ranker of the experiment; ``wbf`` one
+    result per fusion of the experiment (its detector is the fusion's name), per scale set.
     """
     seen: dict[Result, None] = {}
     for exp in config["experiments"]:
@@ -183,7 +195,21 @@ def expand(config: Mapping[str, Any]) -> list[Result]:
             for sset in exp["scales"]:
                 for method in _methods(exp, sset, config.get("rankers", {})):
                     seen.setdefault(Result(exp["dataset"], det, sset, method))
+        if "wbf" in exp["methods"]:
+            for fusion in _experiment_fusions(exp, config.get("fusions") or {}):
+                for sset in exp["scales"]:
+                    seen.setdefault(Result(exp["dataset"], fusion, sset, "wbf"))
     return list(seen)
+
+
+def _experiment_fusions(exp: Mapping[str, Any], fusions: Mapping[str, Any]) -> list[str]:
+    chosen = exp.get("fusions")
+    return list(fusions) if chosen is None else list(chosen)
+
+
+def fusion_detectors(config: Mapping[str, Any], result: Result) -> list[str]:
+    """The detectors whose boxes a result reads: a fusion's detectors for ``wbf``, else its own."""
+    return list(config["fusions"][result.detector]["detectors"]) if result.method == "wbf" else [result.detector]
 
 
 def _methods(exp: Mapping[str, Any], scales: str, rankers: Mapping[str, Any]) -> Iterator[str]:
@@ -193,7 +219,7 @@ def _methods(exp: Mapping[str, Any], scales: str, rankers: Mapping[str, Any]) ->
                 yield method
         elif method == "rank":
             yield from (rank(r) for r in _experiment_rankers(exp, rankers))
-        else:
+        elif method != "wbf":  # a result of the experiment's fusions, not of each detector (expand)
             yield method
 
 
@@ -201,7 +227,8 @@ def detection_sets(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     """(dataset, detector, scales) of every detection run the results and rankers need."""
     seen: dict[tuple[str, str, str], None] = {}
     for res in expand(config):
-        seen.setdefault((res.dataset, res.detector, res.scales))
+        for det in fusion_detectors(config, res):
+            seen.setdefault((res.dataset, det, res.scales))
     for name in used_rankers(config):
         ranker = config["rankers"][name]
         for ds in ranker["datasets"]:

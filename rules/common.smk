@@ -217,6 +217,36 @@ def method_args(wc):
     return f"--method rank --ranker {method.ranker}" if method.kind == "rank" else f"--method {method.kind}"
 
 
+#: fusions of several detectors, for fuse: the ``fusion`` wildcard and its methods; and the
+#: ``detector`` and ``method`` wildcards of evaluate (a fused result is stored under its name)
+FUSIONS = config["fusions"]
+FUSION_NAMES = _alt(FUSIONS) if FUSIONS else "(?!)"
+FUSE_METHODS = wildcard_pattern(("wbf",), [])
+FINAL_DETECTORS = _alt([*DETECTORS, *FUSIONS])
+FINAL_METHODS = f"{NMS_METHODS}|{FUSE_METHODS}"
+
+
+def fuse_input(wc):
+    """Detection shards of every detector of a fusion, and the images table (image sizes)."""
+    dets = FUSIONS[wc.fusion]["detectors"]
+    return [p for det in dets for p in detection_shards(wc.dataset, det, wc.scales)] + [T("images", wc.dataset)]
+
+
+def fuse_args(wc):
+    """A fusion's ``confrank fuse`` options: detectors, NMS settings, WBF settings."""
+    fusion = FUSIONS[wc.fusion]
+    return " ".join(
+        [
+            flag("detectors", ",".join(fusion["detectors"])),
+            flag("iou", POST["iou"]),
+            flag("keep", POST["keep"]),
+            flag("wbf-iou", fusion["iou_thr"]),
+            flag("skip-box-thr", fusion["skip_box_thr"]),
+            flag("conf-type", fusion["conf_type"]),
+        ]
+    )
+
+
 # ------------------------------------------------------------------------------ rules/report.smk
 
 REPORT_SETTINGS = {

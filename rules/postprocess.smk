@@ -1,6 +1,6 @@
-# Post-processing: NMS or box voting into final boxes, then WiderFace AP.
-# Code: stages/nms.py (library: pipeline/postprocess.py, pipeline/boxes.py), stages/evaluate.py
-# (pipeline/metrics.py). Writes: processed/final/, processed/metrics/, processed/benchmarks/nms/.
+# Post-processing: NMS or box voting into final boxes, fusion of several detectors (fuse), then WiderFace AP.
+# Code: stages/nms.py (library: pipeline/postprocess.py, pipeline/boxes.py), stages/fuse.py (pipeline/fusion.py),
+# stages/evaluate.py (pipeline/metrics.py). Writes: processed/final/, processed/metrics/, processed/benchmarks/nms/.
 
 
 rule nms:
@@ -33,6 +33,36 @@ rule nms:
         )
 
 
+rule fuse:
+    input:
+        fuse_input,
+    output:
+        T("final", "{dataset}", "{fusion}", "{scales}", "{method}"),
+    log:
+        "logs/fuse/{dataset}/{fusion}/{scales}/{method}.log",
+    benchmark:
+        T("nms_benchmark", "{dataset}", "{fusion}", "{scales}", "{method}")
+    wildcard_constraints:
+        fusion=FUSION_NAMES,
+        method=FUSE_METHODS,
+    conda:
+        SOFTWARE
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    params:
+        args=fuse_args,
+        dask=DASK,
+        code=code_hash("stages.fuse"),
+    shell:
+        confrank(
+            "fuse",
+            "fuse --dataset {wildcards.dataset} --name {wildcards.fusion} --scales {wildcards.scales}"
+            " --method {wildcards.method} {params.args} {params.dask}",
+        )
+
+
 rule evaluate:
     input:
         final=T("final", "{dataset}", "{detector}", "{scales}", "{method}"),
@@ -50,7 +80,8 @@ rule evaluate:
     log:
         "logs/evaluate/{dataset}/{detector}/{scales}/{method}.log",
     wildcard_constraints:
-        method=NMS_METHODS,
+        detector=FINAL_DETECTORS,
+        method=FINAL_METHODS,
     conda:
         SOFTWARE
     threads: 2

@@ -120,3 +120,42 @@ def test_cv_variants_expand_into_jobs_and_detections():
     assert cv_jobs(config) == [("x", "a"), ("x", "b")]
     assert ("sample", "slim", "original") in detection_sets(config)
     assert ("sample", "mtcnn", "original") in feature_sets(config)
+
+
+def test_fusions_expand_into_wbf_results_stored_under_their_names():
+    config = base()
+    config["fusions"] = {"mt+slim": {"detectors": ["mtcnn", "slim"]}, "three": {"detectors": ["mtcnn", "slim", "rfb"]}}
+    config["experiments"] = [{"dataset": "sample", "detectors": ["mtcnn"], "scales": ["original", "8k"],
+                              "methods": ["single", "wbf"], "fusions": ["mt+slim"]}]
+    validate_config(config, SCHEMA)
+    assert config["fusions"]["mt+slim"] == {"detectors": ["mtcnn", "slim"], "iou_thr": 0.55, "skip_box_thr": 0.02,
+                                            "conf_type": "avg"}
+    assert expand(config) == [Result("sample", "mtcnn", "original", "single"), Result("sample", "mtcnn", "8k", "single"),
+                              Result("sample", "mt+slim", "original", "wbf"), Result("sample", "mt+slim", "8k", "wbf")]
+    # the fusion's detectors are detected; the fusion's name is not a detection run
+    assert detection_sets(config) == [("sample", "mtcnn", "original"), ("sample", "mtcnn", "8k"),
+                                      ("sample", "slim", "original"), ("sample", "slim", "8k")]
+    config["experiments"][0]["fusions"] = None  # every configured fusion
+    assert [r.detector for r in expand(config) if r.method == "wbf"] == ["mt+slim", "mt+slim", "three", "three"]
+
+
+def test_fusion_mistakes_are_named():
+    config = base()
+    config["fusions"] = {"slim": {"detectors": ["mtcnn", "yolo"]}}
+    config["experiments"][0]["methods"] = ["wbf"]
+    config["experiments"][0]["fusions"] = ["nope"]
+    with pytest.raises(ConfigError) as err:
+        validate_config(copy.deepcopy(config), SCHEMA, source="c.yaml")
+    text = str(err.value)
+    for part in ("c.yaml: fusions.slim.detectors[1]: unknown detector 'yolo'",
+                 "c.yaml: fusions.slim: a fusion cannot be named like a detector",
+                 "c.yaml: experiments[0].fusions[0]: unknown fusion 'nope'; known: slim"):
+        assert part in text
+    config["experiments"][0]["fusions"] = []
+    with pytest.raises(ConfigError, match=r"experiments\[0\].methods: 'wbf' needs at least one fusion"):
+        validate_config(copy.deepcopy(config), SCHEMA, source="c.yaml")
+    config["fusions"] = {"a/b": {"detectors": ["mtcnn"], "conf_type": "mean"}}
+    with pytest.raises(ConfigError) as err:
+        validate_config(copy.deepcopy(config), SCHEMA, source="c.yaml")
+    text = str(err.value)
+    assert "'a/b' does not match" in text and "is too short" in text and "'mean' is not one of" in text

@@ -7,6 +7,7 @@ Snakefile. Rerun triggers are checked on a workflow whose outputs were marked co
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -225,6 +226,41 @@ def test_table4_config_plans_8k_and_8k_multi_with_two_fold_rankers(tmp_path: Pat
     assert len(commands) == 2 and all("--folds 2" in c and "--preset cpu" in c for c in commands)
     assert any("--scales 8k-multi" in c and "--pool widerface-val34 " in c for c in commands)
     assert any("--scales 8k " in c and "--pool widerface-val34,widerface-orig21 " in c for c in commands)
+
+
+FUSION_CONFIG = {
+    "datasets": {"sample": {"source": "sample", "max_images": 2, "shards": 2}},
+    "fusions": {"mtcnn+slim": {"detectors": ["mtcnn", "slim"]}},
+    "experiments": [{"dataset": "sample", "detectors": ["mtcnn"], "scales": ["original"], "methods": ["single", "wbf"]}],
+}
+
+
+def test_wbf_fusion_plans_fuse_and_evaluate_and_reruns_on_its_settings(tmp_path: Path):
+    code, work = copy_code(tmp_path / "code"), tmp_path / "work"  # frozen code: its hashes cannot move
+    work.mkdir()
+    write_config(work, FUSION_CONFIG)
+    out = snakemake(work, "-n", "-p", code=code)
+    jobs = planned_jobs(out)
+    (fuse,) = [j for j in jobs if j["rule"] == "fuse"]
+    assert fuse["wildcards"] == "dataset=sample, fusion=mtcnn+slim, scales=original, method=wbf"
+    evaluated = sorted(j["wildcards"] for j in jobs if j["rule"] == "evaluate")
+    assert evaluated == ["dataset=sample, detector=mtcnn+slim, scales=original, method=wbf",
+                         "dataset=sample, detector=mtcnn, scales=original, method=single"]
+    # both detectors are detected (slim only for the fusion), every shard; no nms of slim
+    detect = sorted(j["wildcards"] for j in jobs if j["rule"] == "detect")
+    assert len(detect) == 4 and sum("detector=slim" in w for w in detect) == 2
+    assert [j["wildcards"] for j in jobs if j["rule"] == "nms"] == ["dataset=sample, detector=mtcnn, scales=original, method=single"]
+    (command,) = [line for line in out.splitlines() if "confrank fuse" in line]
+    assert "--name mtcnn+slim " in command and "--detectors mtcnn,slim " in command and "--method wbf " in command
+    assert "--iou 0.4 --keep 750 --wbf-iou 0.55 --skip-box-thr 0.02 --conf-type avg" in command
+    # a fusion setting reruns fuse and what reads it, nothing upstream
+    materialise(work, code)
+    config = copy.deepcopy(FUSION_CONFIG)
+    config["fusions"]["mtcnn+slim"]["iou_thr"] = 0.6
+    write_config(work, config)
+    jobs = planned_jobs(snakemake(work, "-n", code=code))
+    assert sorted(j["rule"] for j in jobs) == ["all", "evaluate", "fuse", "report"]
+    assert "Params have changed" in next(j for j in jobs if j["rule"] == "fuse")["reason"]
 
 
 def assert_by_hand_detect_skips(data: Path) -> None:

@@ -90,6 +90,14 @@ def test_normalisation_round_trip_on_a_non_square_image():
     assert got == [pytest.approx(e, rel=1e-6, abs=1e-4) for e in expected]
 
 
+def test_the_config_schema_offers_the_packages_conf_types():
+    from pipeline.fusion import CONF_TYPES
+    from stages.common import load_schema
+
+    fusion = load_schema()["properties"]["fusions"]["additionalProperties"]["properties"]
+    assert tuple(fusion["conf_type"]["enum"]) == CONF_TYPES
+
+
 def test_an_image_without_a_size_is_an_error():
     with pytest.raises(Exception, match="e/x"):
         weighted_boxes_fusion([frame([("e/x", 1, 1, 9, 9, 0.9)])], {"e/a": (10, 10)})
