@@ -204,12 +204,17 @@ class WiderFaceEval:
     def image_ids(self) -> np.ndarray:
         """The images of the ground truth (those with faces), sorted: the population that
         image weights (and the bootstrap) index."""
-        return np.unique(self._ids)
+        return self._ids[self._image_starts()]
+
+    def _image_starts(self) -> np.ndarray:
+        return np.flatnonzero(np.r_[True, self._ids[1:] != self._ids[:-1]]) if len(self._ids) else np.zeros(0, dtype=np.int64)
 
     def face_image(self) -> np.ndarray:
         """Index into :attr:`image_ids` of each ``gt`` row (rows as given)."""
+        starts = np.zeros(len(self._ids), dtype=np.int64)
+        starts[self._image_starts()[1:]] = 1
         face_image = np.empty(len(self._ids), dtype=np.int64)
-        face_image[self._order] = np.searchsorted(self.image_ids, self._ids)
+        face_image[self._order] = np.cumsum(starts)
         return face_image
 
     def detection_weights(self, weights: np.ndarray) -> np.ndarray:
