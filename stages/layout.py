@@ -17,7 +17,8 @@ DATA/processed/benchmarks/nms/{dataset}/{detector}/{scales}/{method}.tsv (snakem
 DATA/processed/benchmarks/rerank/{ranker}/{dataset}/{detector}/{scales}.tsv
 DATA/processed/report/report.html, report.md, figures/
 ```
-``method`` is ``single``, ``multi``, ``oracle``, ``ensemble``, ``imported`` or ``rank-{ranker}``.
+``method`` is ``single``, ``multi``, ``oracle``, ``ensemble``, ``imported``, ``wbf`` or ``rank-{ranker}``
+(``wbf``: ``detector`` is the name of a fusion of several detectors, ``confrank fuse``).
 The Snakefile's rules take their paths from here too (``rules/common.smk``).
 """
 
