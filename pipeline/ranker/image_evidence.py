@@ -30,6 +30,11 @@ outputs at the box:
   the box at its level (``torchvision.ops.roi_align``), reduced to 16 numbers by averaging
   groups of 4 consecutive channels.
 
+Optionally (:class:`CropEvidence`), MTCNN's R-Net reads each box's square crop at 24 x 24 and
+gives ``img_rnet_prob`` for the ``top_k`` boxes of each image by detector score
+(``img_rnet_scored`` says which; the others are NaN): an independent second opinion, at a cost
+per box instead of per image.
+
 Anchors are the network's own (:class:`pipeline.detectors.priors.PriorConfig`): the prior
 of cell ``(i, j)`` at stride ``s`` is centred at ``((j + 0.5) s, (i + 0.5) s)`` with side
 ``min_size``; decoding is :func:`pipeline.detectors.priors.decode_boxes`'s.
@@ -74,6 +79,13 @@ IMAGE_SCALARS = ("img_match_prob", "img_best_iou", "img_best_iou_prob", "img_pro
 IMAGE_POOLED = tuple(f"img_f{k:02d}" for k in range(16))
 #: every column :func:`box_evidence` computes, in order
 IMAGE_FEATURES: tuple[str, ...] = IMAGE_SCALARS + IMAGE_POOLED
+#: optional columns of :class:`CropEvidence` (MTCNN R-Net on each box's crop): its face
+#: probability (NaN for a box beyond the top-k of its image) and whether it was evaluated (1/0)
+RNET_FEATURES = ("img_rnet_prob", "img_rnet_scored")
+#: boxes per image (highest detector scores first) that R-Net reads by default
+RNET_TOP_K = 1000
+#: R-Net's input side
+RNET_SIZE = 24
 #: the detectors of the registry whose networks this module can read (RetinaFace family)
 EVIDENCE_NETS = ("retinaface-mnet025", "retinaface-mnet025-1mb", "retinaface-r50")
 #: the rows' keys that an ``image_features`` table carries besides the features
@@ -312,10 +324,58 @@ class ImageEvidence:
         return self.box_evidence(self.maps(image), boxes)
 
 
+class CropEvidence:
+    """MTCNN R-Net's face probability on each box's crop (:data:`RNET_FEATURES`).
+
+    The box is grown to a square about its centre (MTCNN's ``square``), cut from the network
+    input of :func:`prepare` (<= 1024 px) with ``torchvision.ops.roi_align`` to 24 x 24
+    (2 x 2 samples per output pixel, zeros outside the image) and scored by R-Net, in batches.
+    Only the ``top_k`` boxes of an image with the highest detector scores are read (ties: row
+    order); the others get NaN and ``img_rnet_scored`` 0. ``rnet`` is a
+    :class:`pipeline.detectors.mtcnn.RNet` with its weights loaded.
+    """
+
+    def __init__(self, rnet: nn.Module, device: torch.device | str = "cpu", top_k: int = RNET_TOP_K,
+                 batch: int = 4096):
+        self.rnet = rnet.eval().to(device)
+        self.device = torch.device(device)
+        self.top_k = int(top_k)
+        self.batch = int(batch)
+
+    @torch.inference_mode()
+    def crop_evidence(self, ready: Prepared, boxes: np.ndarray, scores: np.ndarray | None = None) -> np.ndarray:
+        """``(n, 2)`` float32: R-Net's face probability (NaN when not read) and 1/0 read."""
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        out = np.full((len(boxes), 2), np.nan, np.float32)
+        out[:, 1] = 0
+        if scores is None:
+            chosen = np.arange(min(len(boxes), self.top_k))
+        else:
+            chosen = np.argsort(-np.asarray(scores, np.float32), kind="stable")[: self.top_k]
+        if len(chosen) == 0:
+            return out
+        h, w = ready.pixels.shape[:2]
+        scale = np.array([w / ready.width, h / ready.height] * 2, np.float32)
+        b = torch.from_numpy(boxes[chosen] * scale).to(self.device)
+        centre = (b[:, :2] + b[:, 2:]) / 2
+        half = (b[:, 2:] - b[:, :2]).amax(dim=1, keepdim=True).clamp(min=1.0) / 2
+        rois = torch.cat([b.new_zeros(len(b), 1), centre - half, centre + half], dim=1)
+        rgb = torch.from_numpy(np.ascontiguousarray(ready.pixels[..., ::-1])).to(self.device)
+        rgb = rgb.permute(2, 0, 1)[None].float()
+        probs = []
+        for start in range(0, len(rois), self.batch):
+            crops = roi_align(rgb, rois[start:start + self.batch], RNET_SIZE, 1.0, sampling_ratio=2, aligned=True)
+            probs.append(self.rnet((crops - 127.5) * 0.0078125)[1].float())
+        out[chosen, 0] = torch.cat(probs).cpu().numpy()
+        out[chosen, 1] = 1
+        return out
+
+
 def frame_image_features(dets: pd.DataFrame, images: Mapping[str, np.ndarray | Prepared] | Callable[[str], np.ndarray | Prepared],
-                         evidence: ImageEvidence) -> pd.DataFrame:
+                         evidence: ImageEvidence, crops: CropEvidence | None = None) -> pd.DataFrame:
     """The :data:`KEY_COLUMNS` of ``dets`` (a detections or oracle shard) with the
-    :data:`IMAGE_FEATURES` columns added (float32), rows and their order unchanged.
+    :data:`IMAGE_FEATURES` columns added (float32), and the :data:`RNET_FEATURES` columns
+    when ``crops`` is given; rows and their order unchanged.
 
     Every image is passed through the network once, for all its rows (every scale and flip:
     boxes are in original pixels). ``images`` gives an image by ``image_id``: a mapping, or a
@@ -323,13 +383,19 @@ def frame_image_features(dets: pd.DataFrame, images: Mapping[str, np.ndarray | P
     original size, or :func:`prepare`'s network input.
     """
     get = images.__getitem__ if isinstance(images, Mapping) else images
+    columns = IMAGE_FEATURES + (RNET_FEATURES if crops is not None else ())
     out = dets[[c for c in KEY_COLUMNS if c in dets.columns]].copy()
-    feats = np.zeros((len(dets), len(IMAGE_FEATURES)), np.float32)
+    feats = np.zeros((len(dets), len(columns)), np.float32)
     boxes = dets[list(BOX_COLUMNS)].to_numpy(np.float32)
+    scores = dets["score"].to_numpy(np.float32)
     ids = dets["image_id"].astype(str)
     for image_id, rows in ids.groupby(ids, sort=True).indices.items():
-        feats[rows] = evidence.image_evidence(get(image_id), boxes[rows])
-    for j, name in enumerate(IMAGE_FEATURES):
+        image = get(image_id)
+        ready = image if isinstance(image, Prepared) else evidence.prepare(image)
+        feats[rows, :len(IMAGE_FEATURES)] = evidence.image_evidence(ready, boxes[rows])
+        if crops is not None:
+            feats[rows, len(IMAGE_FEATURES):] = crops.crop_evidence(ready, boxes[rows], scores[rows])
+    for j, name in enumerate(columns):
         out[name] = feats[:, j]
     return out.reset_index(drop=True)
 
@@ -362,4 +428,5 @@ register_schema("image_features", [
     Column("scale", pa.int32()), Column("flip", pa.bool_()),
     *(Column(c, pa.float32()) for c in BOX_COLUMNS), Column("score", pa.float32()),
     *(Column(name, pa.float32()) for name in IMAGE_FEATURES),
+    *(Column(name, pa.float32(), required=False) for name in RNET_FEATURES),
 ])
