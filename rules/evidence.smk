@@ -13,7 +13,7 @@ rule image_features:
         "logs/image_features/{dataset}/{detector}/{scales}.log",
     conda:
         SOFTWARE
-    threads: 2
+    threads: 1
     resources:
         # an 8K frame decodes to ~130 MB and is then downscaled to 1024 px: 3 GB holds both
         mem_mb=3000,

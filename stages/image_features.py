@@ -104,7 +104,7 @@ def load_rnet(path: Path, device):
 
 
 def run_image_features(layout: Layout, dataset: str, detector: str, scales: str, device_name: str = "auto",
-                       net: str = "retinaface-mnet025", max_side: int = 1024, rnet_top_k: int = 0,
+                       net: str = "retinaface-mnet025", max_side: int = 1024, rnet_top_k: int = 0, threads: int = 1,
                        log: Callable[[str], None] = lambda line: None) -> tuple[list[Path], int, float]:
     """Write every missing or stale image-features shard of one detector.
 
@@ -127,6 +127,10 @@ def run_image_features(layout: Layout, dataset: str, detector: str, scales: str,
     extra = {"detector": detector, "scale_set": scales, "code": code_hash("pipeline.ranker.image_evidence"),
              "weights": {name: sha256_file(path) for name, path in sorted(weight_files.items())}}
     device = pick_device(device_name)
+    if device.type == "cpu" and threads:
+        import torch
+
+        torch.set_num_threads(threads)
     model = crops = None
     written, n_images, seconds = [], 0, 0.0
     for source in sources:
@@ -175,13 +179,16 @@ def run_image_features(layout: Layout, dataset: str, detector: str, scales: str,
 @click.option("--rnet-top-k", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also score the K best-scored boxes of each image with MTCNN's R-Net on their crops "
                    "(columns img_rnet_prob, img_rnet_scored; weights mtcnn_rnet); 0: off.")
+@click.option("--threads", type=click.IntRange(min=0), default=1, show_default=True,
+              help="torch CPU threads (0: torch's default). One: on a machine whose cores other processes "
+                   "share, two threads stalled the network up to 100x (docs/ranker-evidence.md).")
 @data_dir_option
 def cli(dataset: str, detector: str, scales: str, device: str, evidence_net: str, max_side: int, rnet_top_k: int,
-        data_dir: Path) -> None:
+        threads: int, data_dir: Path) -> None:
     """Per-box image evidence (a face network's view of each box) of one detector's shards."""
     layout = Layout.from_env(data_dir)
     written, n_images, seconds = run_image_features(layout, dataset, detector, scales, device, evidence_net, max_side,
-                                                    rnet_top_k, log=lambda line: click.echo(line, err=True))
+                                                    rnet_top_k, threads, log=lambda line: click.echo(line, err=True))
     cost = f", {1000 * seconds / n_images:.0f} ms/image" if n_images else ""
     click.echo(f"image-features {dataset}/{detector}/{scales}: {len(written)} shard(s) written{cost} -> "
                f"{layout.image_features_dir(dataset, detector, scales)}")
