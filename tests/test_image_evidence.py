@@ -185,7 +185,7 @@ def test_a_box_reads_the_same_on_the_image_and_on_it_upscaled_2x(real_model):
     big = real_model.image_evidence(cv2.resize(image, None, fx=2, fy=2, interpolation=cv2.INTER_LINEAR), boxes * 2)
     col = {name: j for j, name in enumerate(IE.IMAGE_FEATURES)}
     assert small[:, col["img_input_scale"]].max() == 1 and big[:, col["img_input_scale"]].max() == 0.5
-    # measured: mean |difference| <= 0.022 and correlation >= 0.995 for these (0.04 / 0.97 for img_f*)
+    # measured: mean |difference| <= 0.023 and correlation >= 0.995 for these (0.04 / 0.97 for img_f*)
     for name in ("img_match_prob", "img_best_iou", "img_prob_x_iou", "img_centre_prob", "img_region_prob_max",
                  "img_region_prob_mean", "img_level", *IE.IMAGE_POOLED):
         a, b = small[:, col[name]], big[:, col[name]]
