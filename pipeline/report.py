@@ -198,11 +198,13 @@ def cv_summary(deltas: pd.DataFrame) -> pd.DataFrame:
     """
     keys = ["cv", "scales", "detector", "ranker", "subset"]
     ensemble = deltas["ap_ensemble"] if "ap_ensemble" in deltas else np.nan
+    wbf = deltas["ap_wbf"] if "ap_wbf" in deltas else np.nan
     extra = deltas.assign(ensemble=ensemble - deltas["ap_single"], oracle=deltas["ap_oracle"] - deltas["ap_single"],
-                          single=deltas["ap_single"])
+                          single=deltas["ap_single"], wbf=wbf - deltas["ap_single"], vs_wbf=deltas["ap_rank"] - wbf)
     grouped = extra.groupby(keys, sort=True)
     out = grouped["delta"].agg(mean="mean", sd="std", folds="count")
-    out = out.join(grouped[["ensemble", "oracle", "single"]].mean()).reset_index()
+    out = out.join(grouped[["ensemble", "oracle", "single", "wbf", "vs_wbf"]].mean())
+    out = out.join(grouped["vs_wbf"].std().rename("vs_wbf_sd")).reset_index()
     order = {s: i for i, s in enumerate(CV_SUBSETS)}
     return out.sort_values([*keys[:4], "subset"], key=lambda c: c.map(order) if c.name == "subset" else c,
                            kind="stable").reset_index(drop=True)

@@ -103,6 +103,13 @@ SCHEMAS: dict[str, list[Column]] = {
         *_cols(("ap_single", "ap_rank", "ap_oracle", "ap_ensemble", "delta"), pa.float64()),
         Column("n_images", pa.int32()), Column("n_faces", pa.int32()),
         Column("train_detectors", _STR), Column("train_seconds", pa.float64()),
+        Column("ap_wbf", pa.float64(), required=False), Column("chosen", _STR, required=False),
+    ],
+    # cross-validation: the held-out final boxes of every method, detector and fold (image ids
+    # prefixed with their dataset: D/ID)
+    "cv_finals": [
+        Column("image_id", _STR), *_cols(BOX_COLUMNS, _F32), Column("score", _F32),
+        Column("method", _STR), Column("detector", _STR), Column("fold", pa.int32()),
     ],
     # ranker training log, one row per logged step
     "train_log": [
@@ -112,7 +119,7 @@ SCHEMAS: dict[str, list[Column]] = {
 }
 
 #: columns stored dictionary-encoded (few distinct values, many rows)
-DICTIONARY_COLUMNS = frozenset({"image_id", "detector", "split", "event", "subset"})
+DICTIONARY_COLUMNS = frozenset({"image_id", "detector", "split", "event", "subset", "method"})
 
 
 def register_schema(kind: str, columns: Sequence[Column]) -> None:

@@ -4,6 +4,12 @@ Method ``wbf``: Weighted Boxes Fusion (``pipeline.fusion.weighted_boxes_fusion``
 ``ensemble-boxes`` package): NMS per detector and image, then WBF per image of every
 detector's boxes, the best ``keep`` per image.
 
+Method ``rank-RNAME`` (``--method rank --ranker RNAME``): the learned fusion of a ``fusion``
+ranker (``confrank train --preset fuse``; :mod:`pipeline.ranker.fusion`): it reads every
+detector's per-box features (``confrank features`` shards with the ranker's evidence set,
+computed on the fly when absent), clusters the boxes and scores the clusters. ``--detectors``
+must be the detectors the ranker fuses (its evidence set).
+
 Reads each detector's oracle shards (``Layout.oracle_dir``; the same boxes as its detection
 shards) when they cover the same shard files as its detection shards, else its detection shards
 (``Layout.detections_dir``), and the images table (image sizes). An image one detector has no
@@ -29,6 +35,7 @@ import torch
 
 from pipeline.errors import ConfrankError, MissingInputError
 from pipeline.fusion import CONF_TYPES, FUSIONS
+from pipeline.methods import Method
 from pipeline.provenance import provenance
 from pipeline.tables import read_metadata, read_table, read_tables, shard_paths, write_table
 from stages.common import (DETECTION_SORT, dask_scheduler_option, map_shards, method_name, parse_names, require_shards,
@@ -112,8 +119,10 @@ PACKAGES = {"wbf": "ensemble-boxes"}
 @click.option("--dataset", required=True, help="Dataset name.")
 @click.option("--detectors", required=True, help="Comma-separated detectors whose boxes are fused (each needs shards of --scales).")
 @scales_option(help="Scale set of the shards.")
-@click.option("--method", type=click.Choice(sorted(FUSIONS)), required=True,
-              help="wbf: Weighted Boxes Fusion (ensemble-boxes) after NMS per detector.")
+@click.option("--method", required=True,
+              help="wbf: Weighted Boxes Fusion (ensemble-boxes) after NMS per detector; rank (with --ranker) or "
+                   "rank-RNAME: the learned fusion of a fusion ranker.")
+@click.option("--ranker", default=None, help="A fusion ranker (for --method rank).")
 @click.option("--name", required=True, help="Name of the fused result: the detector name under which it is stored and evaluated.")
 @click.option("--iou", type=click.FloatRange(0, 1), default=0.4, show_default=True, help="IoU of the NMS run per detector and image first (suppress above).")
 @click.option("--keep", type=click.IntRange(min=1), default=750, show_default=True, help="Fused boxes kept per image.")
@@ -122,14 +131,19 @@ PACKAGES = {"wbf": "ensemble-boxes"}
 @click.option("--conf-type", type=click.Choice(CONF_TYPES), default="avg", show_default=True, help="WBF: how a cluster's confidence is computed.")
 @dask_scheduler_option
 @data_dir_option
-def cli(dataset: str, detectors: str, scales: str, method: str, name: str, iou: float, keep: int, wbf_iou: float,
-        skip_box_thr: float, conf_type: str, dask_scheduler: str, data_dir: Path) -> None:
-    """Fuse several detectors' boxes of one dataset into final boxes (Weighted Boxes Fusion)."""
+def cli(dataset: str, detectors: str, scales: str, method: str, ranker: str | None, name: str, iou: float, keep: int,
+        wbf_iou: float, skip_box_thr: float, conf_type: str, dask_scheduler: str, data_dir: Path) -> None:
+    """Fuse several detectors' boxes of one dataset into final boxes (WBF or a learned fusion)."""
     if not NAME_PATTERN.fullmatch(name):
         raise click.BadParameter(f"{name!r}: expected letters, digits and _.+- (not starting with one of _.+-)", param_hint="--name")
     layout = Layout(data_dir)
-    stored = method_name(method, None)
+    stored = method_name(method, ranker)
     names = list(dict.fromkeys(parse_names(detectors)))
+    parsed = Method.parse(stored)
+    if parsed.kind == "rank":
+        return _learned(layout, dataset, names, scales, parsed.ranker, name, keep, stored)
+    if parsed.kind not in FUSIONS:
+        raise click.BadParameter(f"{method!r}: expected wbf, rank (with --ranker) or rank-RNAME", param_hint="--method")
     parts = [box_shards(layout, dataset, d, scales) for d in names]  # every detector checked before any work
     sizes, images_path = image_sizes(layout, dataset)
     settings = SETTINGS[method](iou, keep, wbf_iou, skip_box_thr, conf_type)
@@ -144,3 +158,38 @@ def cli(dataset: str, detectors: str, scales: str, method: str, name: str, iou: 
     path = layout.final(dataset, name, scales, stored)
     write_table(final, path, "final", metadata=meta, sort_by=DETECTION_SORT)
     click.echo(f"wrote {len(final)} boxes ({method} of {', '.join(names)}) to {path}")
+
+
+def _learned(layout: Layout, dataset: str, names: list[str], scales: str, ranker: str, name: str, keep: int,
+             stored: str) -> None:
+    """``--method rank-RNAME``: the learned fusion of ranker ``ranker`` over ``names``."""
+    from pipeline.provenance import sha256_file
+    from pipeline.ranker.registry import load_ranker
+    from stages.rankerio import ranker_shards
+
+    model_path = layout.ranker_model(ranker)
+    loaded = load_ranker(model_path)
+    impl = loaded.kind.impl()
+    if not hasattr(impl, "fuse"):
+        raise ConfrankError(f"{model_path}: ranker {ranker!r} is a {loaded.kind.name} ranker, which re-scores one "
+                            "detector's boxes (`confrank rerank`); `confrank fuse` needs a fusion ranker "
+                            "(`confrank train --preset fuse`)")
+    if sorted(names) != sorted(loaded.settings.evidence_set):
+        raise ConfrankError(f"ranker {ranker!r} fuses {', '.join(loaded.settings.evidence_set)}; --detectors gave "
+                            f"{', '.join(names)}")
+    for det in names:  # every detector checked before any work
+        box_shards(layout, dataset, det, scales)
+    sizes, images_path = image_sizes(layout, dataset)
+    frames, inputs = [], []
+    for det in names:
+        shards = ranker_shards(layout, loaded.kind, loaded, dataset, det, scales)
+        frames.append(pd.concat([f for _, f, _ in shards], ignore_index=True))
+        inputs += [p for _, _, read in shards for p in read]
+    final = impl.fuse(loaded.model, loaded.settings, frames, sizes, keep)
+    config = {"dataset": dataset, "detector": name, "scales": scales, "method": stored, "detectors": names,
+              "fusion": "learned", "ranker": ranker, "score_column": "score", "keep": keep,
+              "settings": loaded.to_dict()}
+    meta = provenance("fuse", config, inputs=[*inputs, images_path, model_path], ranker_sha256=sha256_file(model_path))
+    path = layout.final(dataset, name, scales, stored)
+    write_table(final, path, "final", metadata=meta, sort_by=DETECTION_SORT)
+    click.echo(f"wrote {len(final)} boxes (learned fusion {ranker} of {', '.join(names)}) to {path}")

@@ -198,18 +198,24 @@ def ranker_shards(layout: Layout, kind: RankerKind, loaded_or_settings: Any, dat
 
 def load_feature_rows(layout: Layout, kind: RankerKind, settings: Any, datasets: list[str], detectors: list[str],
                       scales: str, chosen: Mapping[str, set[str]]) -> tuple[pd.DataFrame, list[Path], list[tuple[str, str]]]:
-    """Feature rows (with ``oracle_iou``) of the chosen images of every dataset x detector, one
-    image's boxes of one detector / scale / flip consecutive (``_group``), the files read, and
+    """Feature rows (with ``oracle_iou``, and the image's ``width`` and ``height``) of the chosen
+    images of every dataset x detector, one image's boxes of one detector / scale / flip
+    consecutive (``_group``), the files read, and
     the (dataset, image id) of every image whose rows are in the result."""
     frames, inputs = [], []
     for dataset in datasets:
+        table, _ = load_images_table(layout, dataset)
+        width = dict(zip(table["image_id"], table["width"]))
+        height = dict(zip(table["image_id"], table["height"]))
         for det in detectors:
             for _, frame, read in ranker_shards(layout, kind, settings, dataset, det, scales):
                 if "oracle_iou" not in frame.columns:
                     raise MissingInputError(
                         f"{read[0]}: boxes without oracle_iou; run `confrank oracle --dataset {dataset} "
                         f"--detector {det} --scales {scales}` first")
-                frames.append(frame[frame["image_id"].isin(chosen[dataset])].assign(dataset=dataset, detector=det))
+                frame = frame[frame["image_id"].isin(chosen[dataset])]
+                frames.append(frame.assign(dataset=dataset, detector=det, width=frame["image_id"].map(width),
+                                           height=frame["image_id"].map(height)))
                 inputs.extend(read)
     rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if rows.empty:

@@ -126,6 +126,9 @@ KINDS: dict[str, RankerKind] = {
                    "pipeline.ranker.network:NetworkRanker"),
         RankerKind("gbm", "gradient-boosted trees (LightGBM) on per-box features", "features",
                    "confrank-ranker-gbm", "pipeline.ranker.settings:gbm_settings", "pipeline.ranker.gbm:GbmRanker"),
+        RankerKind("fusion", "a learned fusion of several detectors' boxes: trees on clusters of their boxes",
+                   "features", "confrank-ranker-fusion", "pipeline.ranker.settings:fusion_settings",
+                   "pipeline.ranker.fusion:FusionRanker"),
     )
 }
 assert tuple(KINDS) == KIND_NAMES, "pipeline.ranker.settings.KIND_NAMES lists the registry's kinds"

@@ -36,7 +36,7 @@ OUTPUTS = ("clip", "logit")
 #: objectives of the feature ranker (pipeline.ranker.gbm)
 OBJECTIVES = ("binary", "cross_entropy", "lambdarank", "rank_xendcg", "pairwise")
 #: ranker kinds (pipeline.ranker.registry.KINDS implements each)
-KIND_NAMES = ("network", "gbm")
+KIND_NAMES = ("network", "gbm", "fusion")
 #: per-box feature groups of the feature ranker (pipeline.ranker.features)
 FEATURE_GROUPS = ("own", "neighbours", "evidence", "image")
 
@@ -302,15 +302,50 @@ def gbm_settings(values: Mapping[str, Any], where: str = "ranker settings") -> G
 
 
 @dataclass(frozen=True)
+class FusionConfig:
+    """The clustering of the learned fusion (pipeline.ranker.fusion)."""
+
+    fusion_iou: float = option(0.55, "fusion: IoU (continuous) at or above which a box joins a cluster's best box "
+                               "(WBF's iou_thr).", minimum=0, maximum=1, exclusive_minimum=True)
+
+
+@dataclass(frozen=True)
+class FusionSettings:
+    """The settings of a learned fusion: its trees (``gbm``; ``evidence`` = the detectors fused),
+    the clustering IoU and the NMS IoU before and after clustering (0.4, as ``confrank nms``)."""
+
+    gbm: GbmConfig
+    fusion_iou: float = 0.55
+    nms_iou: float = 0.4
+    image_features = False
+
+    @property
+    def evidence_set(self) -> tuple[str, ...]:
+        return self.gbm.evidence
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"gbm": self.gbm.to_dict(), "fusion_iou": self.fusion_iou, "nms_iou": self.nms_iou}
+
+
+def fusion_settings(values: Mapping[str, Any], where: str = "ranker settings") -> FusionSettings:
+    """:class:`FusionSettings` of option ``values``; ConfrankError without two detectors to fuse."""
+    gbm = build(GbmConfig, values, where)
+    if len(gbm.evidence) < 2:
+        raise ConfrankError(f"{where}: a fusion ranker needs --evidence with the two or more detectors it fuses")
+    return FusionSettings(gbm, build(FusionConfig, values, where).fusion_iou)
+
+
+@dataclass(frozen=True)
 class KindChoice:
     """The setting every ranker entry has: which kind of ranker it is."""
 
     model: str = option("network", "The ranker kind (pipeline.ranker.registry): network = seed 000's ranker network; "
-                        "gbm = gradient-boosted trees on per-box features.", choices=KIND_NAMES)
+                        "gbm = gradient-boosted trees on per-box features; fusion = a learned fusion of several detectors' "
+                        "boxes (`confrank fuse`).", choices=KIND_NAMES)
 
 
 #: every settings class, in the order their options are listed
-SETTINGS_CLASSES: tuple[type, ...] = (KindChoice, GbmConfig, RankerConfig, TrainConfig)
+SETTINGS_CLASSES: tuple[type, ...] = (KindChoice, GbmConfig, FusionConfig, RankerConfig, TrainConfig)
 
 
 def option_specs() -> dict[str, OptionSpec]:
