@@ -14,6 +14,7 @@ from pipeline.provenance import provenance
 from pipeline.tables import read_metadata, read_table, write_table
 from stages import cv as cv_stage
 from stages import features as features_stage
+from stages import fuse as fuse_stage
 from stages import nms as nms_stage
 from stages import rerank as rerank_stage
 from stages import train as train_stage
@@ -230,3 +231,162 @@ def test_gbm_config_rejects_bad_values():
     from pipeline.ranker.gbm import GbmConfig
     with pytest.raises(ConfrankError, match="objective"):
         GbmConfig(objective="huber")
+
+
+# ----------------------------------------------------------------------------- learned fusion, nested cv
+
+
+FUSION = ["--model", "fusion", "--evidence", EVIDENCE, "--gbm-trees", "10", "--gbm-min-leaf", "3", "--workers", "1"]
+
+
+def test_fusion_trains_and_fuses_and_refuses_rerank(pool):
+    out = invoke(train_stage.cli, ["--datasets", "toy,toy2", "--detectors", "detA,detB", "--scales", "original",
+                                   "--ranker", "f", *FUSION], pool)
+    assert "fusion, 10 trees" in out
+    invoke(fuse_stage.cli, ["--dataset", "toy", "--detectors", "detB,detA", "--scales", "original", "--method", "rank",
+                            "--ranker", "f", "--name", "ab"], pool)
+    final = read_table(pool.final("toy", "ab", "original", "rank-f"), "final")
+    assert len(final) and final["score"].between(0, 1).all()
+    assert read_metadata(pool.final("toy", "ab", "original", "rank-f"))["config"]["detectors"] == ["detB", "detA"]
+    with pytest.raises(ConfrankError, match="fuses detA, detB; --detectors gave detA"):
+        invoke(fuse_stage.cli, ["--dataset", "toy", "--detectors", "detA", "--scales", "original", "--method",
+                                "rank-f", "--name", "a"], pool)
+    with pytest.raises(ConfrankError, match="use `confrank fuse --method rank-RNAME`"):
+        rerank_stage.run_rerank(pool, "toy", "detA", "original", "f", device="cpu")
+
+
+def test_fusion_ignores_ground_truth_columns(pool):
+    from pipeline.ranker.registry import load_ranker
+    from stages.rankerio import ranker_shards
+
+    invoke(train_stage.cli, ["--datasets", "toy", "--detectors", "detA,detB", "--scales", "original", "--ranker", "f",
+                             *FUSION], pool)
+    loaded = load_ranker(pool.ranker_model("f"))
+    frames = [pd.concat([f for _, f, _ in ranker_shards(pool, loaded.kind, loaded, "toy2", d, "original")])
+              for d in ("detA", "detB")]
+    sizes = {i: (200, 100) for i in frames[0]["image_id"].unique()}
+    impl = loaded.kind.impl()
+    first = impl.fuse(loaded.model, loaded.settings, frames, sizes)
+    rng = np.random.default_rng(0)
+    shuffled = [f.assign(oracle_iou=rng.permutation(f["oracle_iou"].to_numpy()),
+                         gt_id=rng.permutation(f["gt_id"].to_numpy())) for f in frames]
+    pd.testing.assert_frame_equal(first, impl.fuse(loaded.model, loaded.settings, shuffled, sizes))
+    dropped = [f.drop(columns=["oracle_iou", "gt_id"]) for f in frames]
+    pd.testing.assert_frame_equal(first, impl.fuse(loaded.model, loaded.settings, dropped, sizes))
+
+
+def test_nested_cv_chooses_on_inner_folds_and_scores_held_out_images_only(pool, tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("small: {gbm_trees: 3}\nlarger: {gbm_trees: 12, fusion_iou: 0.5}\n")
+    args = ["run", "--name", "n", "--variant", "f", "--pool", "toy,toy2", "--detectors", "detA,detB", "--scales",
+            "original", "--folds", "2", *FUSION, "--grid", str(grid), "--inner-folds", "2"]
+    invoke(cv_stage.cli, args, pool)
+    table = read_table(pool.cv_deltas("n", "f"), "cv_deltas")
+    assert set(table["chosen"]) <= {"small", "larger"} and table["ap_wbf"].notna().all()
+    search = pd.read_parquet(pool.cv_variant_dir("n", "f") / "search.parquet")
+    assert sorted(search["fold"].unique()) == [1, 2] and set(search["candidate"]) == {"small", "larger"}
+    # the fused boxes of a fusion ranker are the same for every detector evaluated
+    both = table.pivot_table(index=["fold", "subset"], columns="detector", values="ap_rank")
+    np.testing.assert_allclose(both["detA"], both["detB"])
+    finals = read_table(pool.cv_variant_dir("n", "f") / "finals.parquet", "cv_finals")
+    for fold in (1, 2):
+        roles = pd.read_parquet(pool.cv_variant_dir("n", "f") / f"fold-{fold}" / "images.parquet")
+        trained = set(zip(*roles[roles["role"] == "train"][["dataset", "image_id"]].to_numpy().T))
+        evaluated = set(zip(*roles[roles["role"] == "evaluate"][["dataset", "image_id"]].to_numpy().T))
+        assert trained and evaluated and not trained & evaluated
+        scored = {tuple(i.split("/", 1)) for i in finals[finals["fold"] == fold]["image_id"].astype(str)}
+        assert scored <= evaluated
+    out = invoke(cv_stage.cli, ["summary", "--name", "n", "--resamples", "50"], pool)
+    assert "rank − wbf" in out
+    intervals = pd.read_parquet(pool.cv_dir("n") / "bootstrap.parquet")
+    assert {("rank", "single"), ("rank", "wbf")} <= set(zip(intervals["a"], intervals["b"]))
+    assert (intervals["ci_low"] <= intervals["delta"] + 1e-12).all() and (intervals["delta"] <= intervals["ci_high"] + 1e-12).all()
+
+
+def test_a_fold_that_trains_on_a_held_out_image_is_refused(pool, monkeypatch):
+    from stages import rankerio
+
+    real = rankerio.training_data
+
+    def leaky(layout, kind, settings, datasets, detectors, scales, chosen):  # trains on every image
+        every = {d: set(read_table(layout.images(d), "images")["image_id"].astype(str)) for d in datasets}
+        return real(layout, kind, settings, datasets, detectors, scales, every)
+
+    monkeypatch.setattr(rankerio, "training_data", leaky)
+    with pytest.raises(ConfrankError, match="was both trained on and evaluated"):
+        invoke(cv_stage.cli, ["run", "--name", "x", "--variant", "g", "--pool", "toy", "--detectors", "detA",
+                              "--scales", "original", "--folds", "2", "--model", "gbm", "--evidence", EVIDENCE,
+                              "--gbm-trees", "3", "--gbm-min-leaf", "5", "--workers", "1"], pool)
+
+
+def test_cv_scores_rows_without_ground_truth_columns(pool, monkeypatch):
+    from pipeline.ranker.registry import LoadedRanker
+
+    seen = []
+    real = LoadedRanker.score
+
+    def spy(self, frame, context):
+        seen.append(set(frame.columns))
+        return real(self, frame, context)
+
+    monkeypatch.setattr(LoadedRanker, "score", spy)
+    invoke(cv_stage.cli, ["run", "--name", "x", "--variant", "g", "--pool", "toy", "--detectors", "detA", "--scales",
+                          "original", "--folds", "2", "--model", "gbm", "--evidence", EVIDENCE, "--gbm-trees", "3",
+                          "--gbm-min-leaf", "5", "--workers", "1"], pool)
+    assert seen and all(not cols & {"oracle_iou", "gt_id"} for cols in seen)
+
+
+def test_features_do_not_depend_on_ground_truth_columns(pool):
+    from pipeline.ranker.features import FEATURES, frame_features
+
+    dets = read_table(pool.oracle("toy", "detA", "original", 0), "detections")
+    evidence = {"detB": read_table(pool.oracle("toy", "detB", "original", 0), "detections")}
+    sizes = {i: (200, 100) for i in dets["image_id"].astype(str).unique()}
+    base = frame_features(dets, evidence, sizes)[list(FEATURES) + ["ensemble_score"]]
+    rng = np.random.default_rng(1)
+    permuted = dets.assign(oracle_iou=rng.permutation(dets["oracle_iou"].to_numpy()),
+                           gt_id=rng.permutation(dets["gt_id"].to_numpy()))
+    other = {"detB": evidence["detB"].assign(oracle_iou=0.0)}
+    pd.testing.assert_frame_equal(base, frame_features(permuted, other, sizes)[base.columns])
+    dropped = dets.drop(columns=["oracle_iou", "gt_id"])
+    pd.testing.assert_frame_equal(base, frame_features(dropped, evidence, sizes)[base.columns])
+
+
+def test_rerank_and_fuse_run_on_a_dataset_without_ground_truth(pool, tmp_path):
+    """A dataset with detections only (no gt table, no oracle shards): what a user's own images are."""
+    invoke(train_stage.cli, ["--datasets", "toy", "--detectors", "detA,detB", "--scales", "original", "--ranker", "g",
+                             "--model", "gbm", "--evidence", EVIDENCE, "--gbm-trees", "5", "--gbm-min-leaf", "5",
+                             "--workers", "1"], pool)
+    invoke(train_stage.cli, ["--datasets", "toy", "--detectors", "detA,detB", "--scales", "original", "--ranker", "f",
+                             *FUSION], pool)
+    bare = Layout(tmp_path / "bare")
+    for path in [pool.ranker_dir("g"), pool.ranker_dir("f")]:
+        dest = bare.ranker_dir(path.name)
+        dest.mkdir(parents=True)
+        for f in path.iterdir():
+            (dest / f.name).write_bytes(f.read_bytes())
+    write_table(read_table(pool.images("toy2"), "images"), bare.images("new"), "images", read_metadata(pool.images("toy2")))
+    for det in DETECTORS:
+        for k in (0, 1):
+            rows = read_table(pool.oracle("toy2", det, "original", k), "detections").drop(columns=["oracle_iou", "gt_id"])
+            write_table(rows, bare.detections("new", det, "original", k), "detections", provenance("detect", {}),
+                        sort_by=SORT)
+    assert not bare.gt("new").exists()
+    rerank_stage.run_rerank(bare, "new", "detA", "original", "g", device="cpu")
+    invoke(fuse_stage.cli, ["--dataset", "new", "--detectors", "detA,detB", "--scales", "original", "--method",
+                            "rank-f", "--name", "ab"], bare)
+    assert len(read_table(bare.final("new", "ab", "original", "rank-f"), "final"))
+
+
+def test_nms_and_voting_iou_is_pinned_to_0_4():
+    import inspect
+
+    from pipeline import boxes
+    from pipeline.ranker.folds import NMS_IOU
+    from stages.common import SCHEMA
+
+    assert NMS_IOU == 0.4
+    assert inspect.signature(boxes.nms).parameters["iou"].default == 0.4
+    for command in (nms_stage.cli, fuse_stage.cli):
+        assert {p.name: p for p in command.params}["iou"].default == 0.4
+    assert yaml.safe_load(SCHEMA.read_text())["properties"]["postprocess"]["properties"]["iou"]["default"] == 0.4

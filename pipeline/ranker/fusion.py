@@ -73,7 +73,8 @@ def kept_boxes(frames: Sequence[pd.DataFrame], nms_iou: float) -> pd.DataFrame:
         if frame.empty:
             continue
         codes, _ = pd.factorize(frame["image_id"].astype(str), sort=True)
-        index = nms(torch.from_numpy(frame[BOX].to_numpy(np.float64)), torch.from_numpy(frame["score"].to_numpy(np.float64)),
+        index = nms(torch.from_numpy(frame[BOX].to_numpy(np.float64, copy=True)),
+                    torch.from_numpy(frame["score"].to_numpy(np.float64, copy=True)),
                     torch.from_numpy(codes.astype(np.int64)), nms_iou, PER_DETECTOR_KEEP).numpy()
         out.append(frame.iloc[index].assign(det=k))
     if not out:
