@@ -139,10 +139,19 @@ def evidence_dirs(ds, det, sset):
     return [T("oracle_dir", ds, e, sset) for e in config["evidence"] if e != det]
 
 
+def image_feature_dirs(r, datasets, detectors, sset):
+    """The image evidence shards (rules/evidence.smk) of every dataset x detector when a ranker
+    (or cv variant) reads the ``image`` feature group; none otherwise."""
+    if not ranker_settings(r)[1].image_features:
+        return []
+    return [T("image_features_dir", ds, det, sset) for ds in datasets for det in detectors]
+
+
 def train_input(wc):
     r = RANKERS[wc.ranker]
     kind = ranker_data(r)
-    return [T(kind, ds, det, r["scales"]) for ds in r["datasets"] for det in r["detectors"]]
+    shards = [T(kind, ds, det, r["scales"]) for ds in r["datasets"] for det in r["detectors"]]
+    return shards + image_feature_dirs(r, r["datasets"], r["detectors"], r["scales"])
 
 
 def train_args(wc):
@@ -156,9 +165,12 @@ def train_args(wc):
 
 
 def rerank_features(wc):
-    """The features shards a ranker that reads features re-scores; none for the other rankers."""
-    if reads_features(RANKERS[wc.ranker]):
-        return [T("features_dir", wc.dataset, wc.detector, wc.scales)]
+    """The features shards a ranker that reads features re-scores (and its image evidence
+    shards when it reads the ``image`` group); none for the other rankers."""
+    r = RANKERS[wc.ranker]
+    if reads_features(r):
+        features = [T("features_dir", wc.dataset, wc.detector, wc.scales)]
+        return features + image_feature_dirs(r, [wc.dataset], [wc.detector], wc.scales)
     return []
 
 
@@ -167,6 +179,7 @@ def cv_input(wc):
     dets = list(dict.fromkeys(v.get("detectors") or cv["detectors"])) + list(v.get("train_detectors") or [])
     kind = ranker_data(v)
     shards = [T(kind, ds, det, cv["scales"]) for ds in cv["datasets"] for det in dict.fromkeys(dets)]
+    shards += image_feature_dirs(v, cv["datasets"], list(dict.fromkeys(dets)), cv["scales"])
     return shards + [T("images", ds) for ds in cv["datasets"]]
 
 

@@ -200,9 +200,13 @@ def test_cv_config_plans_features_cv_and_summary(tmp_path: Path):
     write_config(tmp_path, config)
     out = snakemake(tmp_path, "-n", "-p", "cv_all")
     jobs = planned_jobs(out)
-    counts = {rule: sum(j["rule"] == rule for j in jobs) for rule in ("features", "cv", "cv_summary", "detect", "train")}
-    # 4 pool datasets x 3 detectors, one job per variant, no train job (cv trains its own folds)
-    assert counts == {"features": 12, "cv": len(config["cv"]["pool"]["variants"]), "cv_summary": 1, "detect": 12, "train": 0}
+    rules = ("features", "image_features", "cv", "cv_summary", "detect", "train")
+    counts = {rule: sum(j["rule"] == rule for j in jobs) for rule in rules}
+    # 4 pool datasets x 3 detectors, one job per variant, no train job (cv trains its own folds);
+    # image evidence for the single-detector experiment, whose rankers read the image group
+    variants = sum(len(cv["variants"]) for cv in config["cv"].values())
+    assert counts == {"features": 12, "image_features": 12, "cv": variants, "cv_summary": len(config["cv"]),
+                      "detect": 12, "train": 0}
     commands = [line for line in out.splitlines() if "confrank cv run" in line]
     cpu = next(c for c in commands if "--variant cpu " in c)
     assert "--preset cpu" in cpu and "--evidence retinaface-mnet025,slim,rfb" in cpu and "--folds 5" in cpu
@@ -210,6 +214,34 @@ def test_cv_config_plans_features_cv_and_summary(tmp_path: Path):
     assert "--detectors slim " in lodo and "--train-detectors retinaface-mnet025,rfb" in lodo
     network = next(c for c in commands if "--variant paper-mobilenet " in c)
     assert "--preset paper" in network and "--evidence" not in network
+    single = next(c for c in commands if "--name single --variant cpu-single " in c)
+    assert "--preset cpu-single" in single and "--evidence" not in single and "--folds 5" in single
+    box_only = next(c for c in commands if "--variant box-only " in c)
+    assert "--gbm-features own,neighbours" in box_only
+
+
+def test_image_evidence_ranker_plans_image_features_before_train_and_rerank(tmp_path: Path):
+    rankers = {"single": {"datasets": ["sample"], "detectors": ["slim"], "scales": "original", "preset": "cpu-single"},
+               "boxes": {"datasets": ["sample"], "detectors": ["slim"], "scales": "original", "preset": "cpu-single",
+                         "gbm_features": ["own", "neighbours"]}}
+    write_config(tmp_path, {"datasets": {"sample": {"source": "sample", "max_images": 2}}, "rankers": rankers,
+                            "experiments": [{"dataset": "sample", "detectors": ["slim"], "scales": ["original"],
+                                             "methods": ["rank"], "rankers": list(rankers)}]})
+    out = snakemake(tmp_path, "-n", "--forceall")
+    jobs = planned_jobs(out)
+    assert [j["wildcards"] for j in jobs if j["rule"] == "image_features"] == [
+        "dataset=sample, detector=slim, scales=original"]
+    # the ranker that reads the image group trains and re-scores on the image features; the other does not
+    evidence = str(Layout(Path("data")).image_features_dir("sample", "slim", "original"))
+    inputs = {}
+    for block in re.split(r"\n(?=\[.*\]\n(?:local)?rule )", out):
+        rule = re.search(r"^(?:local)?rule (\w+):", block, re.M)
+        wildcards = re.search(r"^\s+wildcards: .*ranker=(\w+)", block, re.M)
+        if rule and wildcards and rule.group(1) in ("train", "rerank"):
+            inputs[(rule.group(1), wildcards.group(1))] = re.search(r"^\s+input: (.*)$", block, re.M).group(1).split(", ")
+    for name in rankers:
+        for rule in ("train", "rerank"):
+            assert (evidence in inputs[(rule, name)]) == (name == "single"), (rule, name)
 
 
 def test_table4_config_plans_8k_and_8k_multi_with_two_fold_rankers(tmp_path: Path):
