@@ -148,10 +148,16 @@ def _semantic_errors(config: Mapping[str, Any]) -> list[str]:
     for name, ranker in rankers.items():
         check_names(f"rankers.{name}", ranker["detectors"], [ranker["scales"]], ranker["datasets"])
         check_ranker(f"rankers.{name}", ranker)
+        for key in SEARCH_KEYS:
+            if key in ranker:
+                problems.append(f"rankers.{name}.{key}: only a cv variant is cross-validated over a grid")
     for name, cv in (config.get("cv") or {}).items():
         check_names(f"cv.{name}", cv["detectors"], [cv["scales"]], cv["datasets"])
         for variant, settings in cv["variants"].items():
             check_ranker(f"cv.{name}.variants.{variant}", settings)
+            grid = settings.get("grid")
+            if grid is not None and grid not in grid_names():
+                problems.append(f"cv.{name}.variants.{variant}.grid: {_known('grid', grid, grid_names())}")
     for i, exp in enumerate(config["experiments"]):
         where = f"experiments[{i}]"
         check_names(where, exp["detectors"], exp["scales"], [])
@@ -170,10 +176,33 @@ def _semantic_errors(config: Mapping[str, Any]) -> list[str]:
                 problems.append(f"{where}.fusions[{j}]: {_known('fusion', fname, fusions)}")
         if "wbf" in exp["methods"] and not _experiment_fusions(exp, fusions):
             problems.append(f"{where}.methods: 'wbf' needs at least one fusion in the top-level 'fusions'")
+        if "rank" in exp["methods"]:
+            problems += _fusing_ranker_errors(where, exp, rankers, fusions)
     for name, fusion in (config.get("fusions") or {}).items():
         check_names(f"fusions.{name}", fusion["detectors"], [], [])
         if name in DETECTORS:
             problems.append(f"fusions.{name}: a fusion cannot be named like a detector (its result is stored under its name)")
+    return problems
+
+
+def _fusing_ranker_errors(where: str, exp: Mapping[str, Any], rankers: Mapping[str, Any],
+                          fusions: Mapping[str, Any]) -> list[str]:
+    """A ranker that fuses needs fusions in the experiment, each of exactly its detectors."""
+    problems = []
+    for name in _experiment_rankers(exp, rankers):
+        try:
+            if name not in rankers or not fuses(rankers[name]):
+                continue
+        except ConfrankError:  # a bad ranker entry: reported where the ranker is checked
+            continue
+        chosen = _experiment_fusions(exp, fusions)
+        if not chosen:
+            problems.append(f"{where}: ranker {name!r} fuses detectors; the experiment needs a fusion in 'fusions'")
+        wanted = sorted(ranker_settings(rankers[name])[1].evidence_set)
+        for fname in chosen:
+            if fname in fusions and sorted(fusions[fname]["detectors"]) != wanted:
+                problems.append(f"{where}: fusion {fname!r} of {fusions[fname]['detectors']} cannot be made by ranker "
+                                f"{name!r}, which fuses {wanted}")
     return problems
 
 
@@ -195,10 +224,13 @@ def expand(config: Mapping[str, Any]) -> list[Result]:
             for sset in exp["scales"]:
                 for method in _methods(exp, sset, config.get("rankers", {})):
                     seen.setdefault(Result(exp["dataset"], det, sset, method))
-        if "wbf" in exp["methods"]:
-            for fusion in _experiment_fusions(exp, config.get("fusions") or {}):
-                for sset in exp["scales"]:
-                    seen.setdefault(Result(exp["dataset"], fusion, sset, "wbf"))
+        fusing = [rank(r) for r in _experiment_rankers(exp, config.get("rankers", {}))
+                  if "rank" in exp["methods"] and fuses(config["rankers"][r])]
+        methods = (["wbf"] if "wbf" in exp["methods"] else []) + fusing
+        for fusion in _experiment_fusions(exp, config.get("fusions") or {}) if methods else []:
+            for sset in exp["scales"]:
+                for method in methods:
+                    seen.setdefault(Result(exp["dataset"], fusion, sset, method))
     return list(seen)
 
 
@@ -208,8 +240,10 @@ def _experiment_fusions(exp: Mapping[str, Any], fusions: Mapping[str, Any]) -> l
 
 
 def fusion_detectors(config: Mapping[str, Any], result: Result) -> list[str]:
-    """The detectors whose boxes a result reads: a fusion's detectors for ``wbf``, else its own."""
-    return list(config["fusions"][result.detector]["detectors"]) if result.method == "wbf" else [result.detector]
+    """The detectors whose boxes a result reads: a fusion's detectors for a result of a fusion
+    (``wbf``, or ``rank-R`` of a ranker that fuses), else its own."""
+    fusions = config.get("fusions") or {}
+    return list(fusions[result.detector]["detectors"]) if result.detector in fusions else [result.detector]
 
 
 def _methods(exp: Mapping[str, Any], scales: str, rankers: Mapping[str, Any]) -> Iterator[str]:
@@ -217,8 +251,8 @@ def _methods(exp: Mapping[str, Any], scales: str, rankers: Mapping[str, Any]) ->
         if method in ("single", "multi"):
             if BASE_METHOD[SCALE_SETS[scales].multi] == method:
                 yield method
-        elif method == "rank":
-            yield from (rank(r) for r in _experiment_rankers(exp, rankers))
+        elif method == "rank":  # a ranker that fuses gives results of the experiment's fusions (expand)
+            yield from (rank(r) for r in _experiment_rankers(exp, rankers) if not fuses(rankers[r]))
         elif method != "wbf":  # a result of the experiment's fusions, not of each detector (expand)
             yield method
 
@@ -250,7 +284,8 @@ def feature_sets(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     seen: dict[tuple[str, str, str], None] = {}
     for res in expand(config):
         if res.method == "ensemble" or (res.ranker and reads_features(config["rankers"][res.ranker])):
-            seen.setdefault((res.dataset, res.detector, res.scales))
+            for det in fusion_detectors(config, res):
+                seen.setdefault((res.dataset, det, res.scales))
     for name in used_rankers(config):
         ranker = config["rankers"][name]
         if reads_features(ranker):
@@ -288,6 +323,17 @@ def used_rankers(config: Mapping[str, Any]) -> list[str]:
 PRESET_DIR = Path(__file__).resolve().parents[1] / "config" / "presets"
 #: keys of a ranker entry that say what it trains on, not how
 DATA_KEYS = ("datasets", "detectors", "train_detectors", "scales")
+#: keys of a cv variant that say how it is cross-validated (nested, over a grid of candidates)
+SEARCH_KEYS = ("grid", "inner_folds")
+
+
+#: grids of candidate settings of ``confrank cv run --grid NAME`` (nested cross-validation)
+GRID_DIR = PRESET_DIR.parent / "grids"
+
+
+def grid_names() -> list[str]:
+    """The grids shipped in :data:`GRID_DIR`, by name, sorted."""
+    return sorted(p.stem for p in GRID_DIR.glob("*.yaml"))
 
 
 def preset_names() -> list[str]:
@@ -338,8 +384,15 @@ def ranker_settings(ranker: Mapping[str, Any], where: str = "ranker") -> tuple[A
     ``where`` and the option when a value is not allowed."""
     from pipeline.ranker.registry import settings_of
 
-    values = {k: v for k, v in resolve_ranker(ranker).items() if k not in DATA_KEYS and k != "split_half"}
+    values = {k: v for k, v in resolve_ranker(ranker).items()
+              if k not in DATA_KEYS and k not in SEARCH_KEYS and k != "split_half"}
     return settings_of(values, where)
+
+
+def fuses(ranker: Mapping[str, Any]) -> bool:
+    """Whether a ranker entry fuses several detectors' boxes (``confrank fuse``) rather than
+    re-scoring one detector's (``confrank rerank``): what its kind declares in the registry."""
+    return ranker_settings(ranker)[0].fuses
 
 
 def reads_features(ranker: Mapping[str, Any]) -> bool:

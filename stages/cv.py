@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.atomic_io import write_text_atomic
-from pipeline.config import PRESET_DIR
+from pipeline.config import GRID_DIR
 from pipeline.errors import ConfrankError, FormatError, MissingInputError
 from pipeline.fusion import weighted_boxes_fusion
 from pipeline.ranker.folds import NMS_IOU, SUBSETS, assign_folds, fold_finals, pooled_intervals, score_finals
@@ -44,8 +44,6 @@ from stages.layout import Layout, data_dir_option
 from stages.ranker_options import ranker_options, ranker_values
 from stages.rankerio import GT_COLUMNS, load_images_table, ranker_shards, score_context, train
 
-#: grids of candidate settings for nested cross-validation (``confrank cv run --grid NAME``)
-GRID_DIR = PRESET_DIR.parent / "grids"
 #: the held-out methods compared, and the column each fuses on
 METHODS = ("single", "rank", "oracle", "ensemble")
 #: every method of the deltas table: those and the training-free fusion of the evidence detectors
@@ -140,7 +138,7 @@ def _fold(pool: Pool, values: dict[str, Any], detectors: list[str], train_detect
         for dataset in pool.datasets:
             parts = [held(det)[dataset] for det in pool.evidence]
             given["wbf"][dataset] = weighted_boxes_fusion(parts, pool.sizes[dataset], nms_iou=NMS_IOU)
-    fuses = hasattr(impl, "fuse")
+    fuses = loaded.kind.fuses
     if fuses:  # a learned fusion: one set of final boxes whatever detector is evaluated
         given["rank"] = {}
         for dataset in pool.datasets:

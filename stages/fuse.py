@@ -170,7 +170,7 @@ def _learned(layout: Layout, dataset: str, names: list[str], scales: str, ranker
     model_path = layout.ranker_model(ranker)
     loaded = load_ranker(model_path)
     impl = loaded.kind.impl()
-    if not hasattr(impl, "fuse"):
+    if not loaded.kind.fuses:
         raise ConfrankError(f"{model_path}: ranker {ranker!r} is a {loaded.kind.name} ranker, which re-scores one "
                             "detector's boxes (`confrank rerank`); `confrank fuse` needs a fusion ranker "
                             "(`confrank train --preset fuse`)")

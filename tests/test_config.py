@@ -159,3 +159,26 @@ def test_fusion_mistakes_are_named():
         validate_config(copy.deepcopy(config), SCHEMA, source="c.yaml")
     text = str(err.value)
     assert "'a/b' does not match" in text and "is too short" in text and "'mean' is not one of" in text
+
+
+def test_a_fusing_ranker_gives_results_of_the_experiments_fusions():
+    config = base()
+    dets = ["retinaface-mnet025", "slim", "rfb"]
+    config["evidence"] = dets
+    config["fusions"] = {"trio": {"detectors": dets}}
+    config["rankers"] = {"f": {"datasets": ["sample"], "detectors": dets, "scales": "original", "preset": "fuse"}}
+    config["experiments"] = [{"dataset": "sample", "detectors": dets, "scales": ["original"],
+                              "methods": ["single", "wbf", "rank"]}]
+    validate_config(config, SCHEMA, source="c.yaml")
+    results = expand(config)
+    assert Result("sample", "trio", "original", "rank-f") in results and Result("sample", "trio", "original", "wbf") in results
+    assert not [r for r in results if r.detector in dets and r.method == "rank-f"]
+    assert {("sample", d, "original") for d in dets} <= set(feature_sets(config))
+    assert used_rankers(config) == ["f"]
+    config["fusions"]["pair"] = {"detectors": dets[:2]}
+    with pytest.raises(ConfigError, match=r"fusion 'pair' of \['retinaface-mnet025', 'slim'\] cannot be made by ranker 'f'"):
+        validate_config(copy.deepcopy(config), SCHEMA, source="c.yaml")
+    del config["fusions"]["pair"]
+    config["rankers"]["f"]["grid"] = "fuse"
+    with pytest.raises(ConfigError, match=r"rankers.f.grid: only a cv variant"):
+        validate_config(copy.deepcopy(config), SCHEMA, source="c.yaml")

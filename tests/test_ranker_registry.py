@@ -19,7 +19,7 @@ from stages import train as train_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 #: keys of a config's ranker entry that say what it trains on, not how
-DATA_KEYS = {"datasets", "detectors", "train_detectors", "scales", "preset", "split_half"}
+DATA_KEYS = {"datasets", "detectors", "train_detectors", "scales", "preset", "split_half", "grid", "inner_folds"}
 
 
 def test_the_schema_declares_exactly_the_generated_options():

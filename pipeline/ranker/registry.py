@@ -105,6 +105,9 @@ class RankerKind:
     payload_format: str
     settings: str
     implementation: str
+    #: it fuses several detectors' boxes into final boxes (``confrank fuse``) instead of
+    #: re-scoring one detector's (``confrank rerank``)
+    fuses: bool = False
 
     def impl(self) -> Ranker:
         return _resolve(self.implementation)()
@@ -128,7 +131,7 @@ KINDS: dict[str, RankerKind] = {
                    "confrank-ranker-gbm", "pipeline.ranker.settings:gbm_settings", "pipeline.ranker.gbm:GbmRanker"),
         RankerKind("fusion", "a learned fusion of several detectors' boxes: trees on clusters of their boxes",
                    "features", "confrank-ranker-fusion", "pipeline.ranker.settings:fusion_settings",
-                   "pipeline.ranker.fusion:FusionRanker"),
+                   "pipeline.ranker.fusion:FusionRanker", fuses=True),
     )
 }
 assert tuple(KINDS) == KIND_NAMES, "pipeline.ranker.settings.KIND_NAMES lists the registry's kinds"
