@@ -14,6 +14,7 @@ from pathlib import Path
 from pipeline.config import (
     detection_sets,
     expand as expand_results,
+    fuses,
     ranker_settings,
     reads_features,
     ranker_args,
@@ -234,20 +235,29 @@ def method_args(wc):
 #: ``detector`` and ``method`` wildcards of evaluate (a fused result is stored under its name)
 FUSIONS = config["fusions"]
 FUSION_NAMES = _alt(FUSIONS) if FUSIONS else "(?!)"
-FUSE_METHODS = wildcard_pattern(("wbf",), [])
+FUSE_METHODS = wildcard_pattern(("wbf", "rank"), [r for r in RANKERS if fuses(RANKERS[r])])
 FINAL_DETECTORS = _alt([*DETECTORS, *FUSIONS])
 FINAL_METHODS = f"{NMS_METHODS}|{FUSE_METHODS}"
 
 
 def fuse_input(wc):
-    """Detection shards of every detector of a fusion, and the images table (image sizes)."""
+    """Detection shards of every detector of a fusion, and the images table (image sizes); for a
+    learned fusion (``rank-R``) also their features shards and the ranker."""
     dets = FUSIONS[wc.fusion]["detectors"]
-    return [p for det in dets for p in detection_shards(wc.dataset, det, wc.scales)] + [T("images", wc.dataset)]
+    shards = [p for det in dets for p in detection_shards(wc.dataset, det, wc.scales)] + [T("images", wc.dataset)]
+    method = Method.parse(wc.method)
+    if method.kind == "rank":
+        shards += [T("features_dir", wc.dataset, det, wc.scales) for det in dets]
+        shards.append(T("ranker_model", method.ranker))
+    return shards
 
 
 def fuse_args(wc):
-    """A fusion's ``confrank fuse`` options: detectors, NMS settings, WBF settings."""
+    """A fusion's ``confrank fuse`` options: detectors, NMS settings, WBF settings (a learned
+    fusion: the detectors and the boxes kept; its ranker holds the rest)."""
     fusion = FUSIONS[wc.fusion]
+    if Method.parse(wc.method).kind == "rank":
+        return " ".join([flag("detectors", ",".join(fusion["detectors"])), flag("keep", POST["keep"])])
     return " ".join(
         [
             flag("detectors", ",".join(fusion["detectors"])),

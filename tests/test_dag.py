@@ -341,3 +341,22 @@ def test_tiny_dag_end_to_end(tmp_path: Path):
     assert {"train", "rerank", "nms", "report"} <= ran and not ran & {"sample", "index", "subset", "detect", "oracle"}
     log = pd.read_parquet(tmp_path / "data" / "processed" / "rankers" / "small" / "train_log.parquet")
     assert log.step.max() == config["rankers"]["small"]["iterations"]
+
+
+def test_learned_fusion_plans_features_train_fuse_and_evaluate(tmp_path: Path):
+    config = copy.deepcopy(FUSION_CONFIG)
+    config["evidence"] = ["mtcnn", "slim"]
+    config["rankers"] = {"f": {"datasets": ["sample"], "detectors": ["mtcnn", "slim"], "scales": "original",
+                               "preset": "fuse", "evidence": ["mtcnn", "slim"], "gbm_trees": 5}}
+    config["experiments"][0].update(methods=["single", "wbf", "rank"], rankers=["f"])
+    write_config(tmp_path, config)
+    out = snakemake(tmp_path, "-n", "-p")
+    jobs = planned_jobs(out)
+    fuses = sorted(j["wildcards"] for j in jobs if j["rule"] == "fuse")
+    assert fuses == ["dataset=sample, fusion=mtcnn+slim, scales=original, method=rank-f",
+                     "dataset=sample, fusion=mtcnn+slim, scales=original, method=wbf"]
+    assert sorted(j["wildcards"] for j in jobs if j["rule"] == "features") == [
+        "dataset=sample, detector=mtcnn, scales=original", "dataset=sample, detector=slim, scales=original"]
+    assert [j["rule"] for j in jobs].count("train") == 1 and "rerank" not in [j["rule"] for j in jobs]
+    (command,) = [line for line in out.splitlines() if "confrank fuse" in line and "rank-f" in line]
+    assert "--detectors mtcnn,slim " in command and "--keep 750" in command
