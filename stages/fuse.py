@@ -33,13 +33,14 @@ import click
 import pandas as pd
 import torch
 
-from pipeline.errors import ConfrankError, MissingInputError
+from pipeline.errors import ConfrankError
 from pipeline.fusion import CONF_TYPES, FUSIONS
 from pipeline.methods import Method
 from pipeline.provenance import provenance
 from pipeline.tables import read_metadata, read_table, read_tables, shard_paths, write_table
 from stages.common import (DETECTION_SORT, dask_scheduler_option, map_shards, method_name, parse_names, require_shards,
                            scales_option)
+from stages.featurestore import image_sizes
 from stages.layout import Layout, data_dir_option
 
 #: a fusion's name is a folder name under processed/final/{dataset}/
@@ -57,15 +58,6 @@ def box_shards(layout: Layout, dataset: str, detector: str, scales: str) -> list
         return oracle
     return require_shards(layout.detections_dir(dataset, detector, scales), "detection",
                           f"run `confrank detect --dataset {dataset} --detector {detector} --scales {scales}` first")
-
-
-def image_sizes(layout: Layout, dataset: str) -> tuple[dict[str, tuple[int, int]], Path]:
-    """``{image_id: (width, height)}`` of a dataset's images table, and the table's path."""
-    path = layout.images(dataset)
-    if not path.is_file():
-        raise MissingInputError(f"{path}: no images table for dataset {dataset!r}; run `confrank index --name {dataset} ...` first")
-    table = read_table(path, "images", ["image_id", "width", "height"])
-    return {str(r.image_id): (int(r.width), int(r.height)) for r in table.itertuples(index=False)}, path
 
 
 def shard_groups(parts: Sequence[Sequence[Path]]) -> list[list[list[Path]]]:

@@ -41,8 +41,8 @@ from pipeline.boxes import nms
 from pipeline.errors import ConfrankError
 from pipeline.iou import pairwise_iou
 from pipeline.ranker.features import FEATURES
-from pipeline.ranker.gbm import gbm_from_payload, gbm_payload, loss_curve, predict_gbm, train_gbm
-from pipeline.ranker.registry import Fitted, FitRun, ScoreContext, neighbour_pair_accuracy
+from pipeline.ranker.gbm import fitted, gbm_from_payload, gbm_payload, predict_gbm, train_gbm
+from pipeline.ranker.registry import Fitted, FitRun, ScoreContext
 from pipeline.ranker.folds import assign_folds
 from pipeline.ranker.settings import FusionSettings, GbmConfig
 
@@ -255,15 +255,8 @@ class FusionRanker:
         group = pd.factorize(table["image_id"])[0]
         score = table["c_score_max"].to_numpy(np.float64)
         booster = train_gbm(x, oracle, settings.gbm, group, threads=run.workers, score=score)
-        seconds = time.perf_counter() - t0
-        accuracy = neighbour_pair_accuracy(group, score, predict_gbm(booster, x, settings.gbm), oracle)
-        trees, losses = loss_curve(booster, x, oracle, settings.gbm, run.log_every)
-        log = pd.DataFrame({"step": trees, "loss": losses, "lr": settings.gbm.learning_rate,
-                            "pair_accuracy": np.r_[np.full(len(trees) - 1, np.nan), accuracy],
-                            "samples_per_s": len(table) / max(seconds, 1e-9)})
-        summary = {"rows": len(table), "seconds": seconds, "pair_accuracy": accuracy, "loss": float(losses[-1]),
-                   "trees": settings.gbm.trees}
-        return Fitted(FusionModel(box_model, booster), log, True, summary)
+        return fitted(booster, x, oracle, group, score, settings.gbm, time.perf_counter() - t0, run.log_every,
+                      FusionModel(box_model, booster))
 
     def fuse(self, model: FusionModel, settings: FusionSettings, frames: Sequence[pd.DataFrame],
              sizes: Mapping[str, tuple[int, int]], keep: int = 750) -> pd.DataFrame:

@@ -182,6 +182,22 @@ def loss_curve(booster, x: np.ndarray, oracle: np.ndarray, config: GbmConfig, ev
     return trees.astype(np.int64), np.asarray(losses, np.float32)
 
 
+def fitted(booster, x: np.ndarray, oracle: np.ndarray, group: np.ndarray, score: np.ndarray, config: GbmConfig,
+           seconds: float, log_every: int, model: Any = None) -> Fitted:
+    """The :class:`Fitted` of trees trained on rows ``x`` (targets ``oracle``, images ``group``,
+    detector scores ``score``) in ``seconds``: the loss curve (:func:`loss_curve`), the neighbour
+    pair accuracy on the training rows, rows per second; ``model`` replaces the booster as what
+    is stored (a learned fusion keeps two)."""
+    accuracy = neighbour_pair_accuracy(group, score, predict_gbm(booster, x, config), oracle)
+    trees, losses = loss_curve(booster, x, oracle, config, log_every)
+    log = pd.DataFrame({"step": trees, "loss": losses, "lr": config.learning_rate,
+                        "pair_accuracy": np.r_[np.full(len(trees) - 1, np.nan), accuracy],
+                        "samples_per_s": len(x) / max(seconds, 1e-9)})
+    summary = {"rows": len(x), "seconds": seconds, "pair_accuracy": accuracy, "loss": float(losses[-1]),
+               "trees": config.trees}
+    return Fitted(booster if model is None else model, log, True, summary)
+
+
 class GbmRanker:
     """The ``gbm`` kind (:mod:`pipeline.ranker.registry`): reads feature rows (the columns of
     :func:`pipeline.ranker.features.feature_columns` of its groups), one model for every detector."""
@@ -198,15 +214,7 @@ class GbmRanker:
         score = rows["score"].to_numpy(np.float64)
         t0 = time.perf_counter()
         booster = train_gbm(x, oracle, settings, group, threads=run.workers, score=score)
-        seconds = time.perf_counter() - t0
-        accuracy = neighbour_pair_accuracy(group, score, predict_gbm(booster, x, settings), oracle)
-        trees, losses = loss_curve(booster, x, oracle, settings, run.log_every)
-        log = pd.DataFrame({"step": trees, "loss": losses, "lr": settings.learning_rate,
-                            "pair_accuracy": np.r_[np.full(len(trees) - 1, np.nan), accuracy],
-                            "samples_per_s": len(rows) / max(seconds, 1e-9)})
-        summary = {"rows": len(rows), "seconds": seconds, "pair_accuracy": accuracy, "loss": float(losses[-1]),
-                   "trees": settings.trees}
-        return Fitted(booster, log, True, summary)
+        return fitted(booster, x, oracle, group, score, settings, time.perf_counter() - t0, run.log_every)
 
     def score(self, booster, settings: GbmConfig, frame: pd.DataFrame, context: ScoreContext) -> np.ndarray:
         return predict_gbm(booster, frame[feature_columns(settings.features)].to_numpy(np.float32), settings)

@@ -23,7 +23,7 @@ columns (``image_features``) the rows it reads must carry. An implementation (:c
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
