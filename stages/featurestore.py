@@ -4,6 +4,15 @@
 ``train --model gbm``, ``rerank`` (feature rankers) and ``cv`` read them through
 :func:`feature_shards`, which computes the features on the fly instead when a cached shard is
 missing, was made from another version of its source shard, or with another evidence set.
+
+Evidence is compared view by view: each (image, scale, flip) group of a detector's boxes is
+compared with the other detectors' boxes of the same image and the same view (``scale``,
+``flip``; :func:`pipeline.ranker.features.frame_features`). At a single-view scale set
+(``original``, ``8k``) that is every box of the image, as it always was, and the provenance
+config is unchanged, so cached shards stay valid. At a multi-view set (``wider-multi``,
+``8k-multi``) the config records ``evidence_view: same``: shards written when every view
+was compared with all views lack it and are recomputed instead of served.
+
 Kept apart from ``stages.common`` so that the stages that never touch features (detect,
 oracle, evaluate, ...) do not depend on the feature code (their code hash would change with it).
 """
@@ -42,13 +51,21 @@ def _box_shards(layout: Layout, dataset: str, detector: str, scales: str) -> tup
                           f"run `confrank detect --dataset {dataset} --detector {detector} --scales {scales}` first"), "detections"
 
 
+#: the columns of the other detectors' boxes that the features read: ``scale`` and ``flip``
+#: make each view's evidence the same view's boxes
+EVIDENCE_COLUMNS = ["image_id", "scale", "flip", "x1", "y1", "x2", "y2", "score"]
+#: how a group's evidence is chosen at a multi-view scale set (the provenance's ``evidence_view``)
+EVIDENCE_VIEW = "same"
+
+
 def _evidence_frames(layout: Layout, dataset: str, detector: str, scales: str, evidence: Sequence[str]) -> tuple[dict, list[Path]]:
+    """The evidence detectors' boxes (:data:`EVIDENCE_COLUMNS`) by name, and the files read."""
     from pipeline.tables import read_tables
 
     frames, inputs = {}, []
     for other in sorted(set(evidence) - {detector}):
         parts, _ = _box_shards(layout, dataset, other, scales)
-        frames[other] = read_tables(parts, "detections", columns=["image_id", "x1", "y1", "x2", "y2", "score"])
+        frames[other] = read_tables(parts, "detections", columns=EVIDENCE_COLUMNS)
         inputs.extend(parts)
     return frames, inputs
 
@@ -64,11 +81,18 @@ def image_sizes(layout: Layout, dataset: str) -> tuple[dict[str, tuple[int, int]
 
 def _features_config(dataset: str, detector: str, scales: str, evidence: Sequence[str] | None) -> dict[str, Any]:
     """The features' provenance config; ``evidence=None`` (any evidence set will do: the reader
-    does not use the evidence columns) matches a cached shard of any evidence set."""
-    from pipeline.ranker.features import FEATURES
+    does not use the evidence columns) matches a cached shard of any evidence set.
 
-    return {"dataset": dataset, "detector": detector, "scales": scales,
-            "evidence": None if evidence is None else sorted(set(evidence) - {detector}), "features": list(FEATURES)}
+    A multi-view scale set adds ``evidence_view`` (:data:`EVIDENCE_VIEW`); a single-view set
+    has one view, whose evidence was always the same boxes, so its config stays as it was."""
+    from pipeline.ranker.features import FEATURES
+    from pipeline.scales import scale_set
+
+    config = {"dataset": dataset, "detector": detector, "scales": scales,
+              "evidence": None if evidence is None else sorted(set(evidence) - {detector}), "features": list(FEATURES)}
+    if scale_set(scales).multi:
+        config["evidence_view"] = EVIDENCE_VIEW
+    return config
 
 
 def _shard_index(path: Path) -> int:
@@ -112,15 +136,16 @@ def write_features(layout: Layout, dataset: str, detector: str, scales: str, evi
 
 def _cache_valid(cached: Path, source: Path, config: dict[str, Any]) -> bool:
     """Whether a features shard was made from ``source`` as it is now, with ``config``'s
-    evidence set and feature list."""
+    evidence set, evidence views (``evidence_view``: absent at single-view sets) and feature
+    list."""
     from pipeline.provenance import sha256_file
     from pipeline.tables import read_metadata
 
     if not cached.is_file():
         return False
     meta = read_metadata(cached)
-    keys = ("features",) if config["evidence"] is None else ("evidence", "features")
-    same = all(meta.get("config", {}).get(k) == config[k] for k in keys)
+    keys = ("features",) if config["evidence"] is None else ("evidence", "evidence_view", "features")
+    same = all(meta.get("config", {}).get(k) == config.get(k) for k in keys)
     return same and sha256_file(source) in meta.get("inputs", {}).values()
 
 

@@ -12,8 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import spearmanr
 
+from unittest import mock
+
+from pipeline.iou import pairwise_iou
+from pipeline.ranker import features as F
 from pipeline.ranker.features import (EVIDENCE, FEATURES, NEIGHBOURS, OWN, box_features, ensemble_scores,
-                                      evidence_features, frame_features, neighbour_features)
+                                      evidence_features, frame_features, neighbour_features, overlap_pairs)
 from pipeline.ranker.folds import assign_folds, fold_ids, parse_fold
 from pipeline.ranker.gbm import GbmConfig, predict_gbm, relevance, train_gbm
 
@@ -143,6 +147,189 @@ def test_frame_features_keeps_rows_and_groups_by_view():
     assert out.loc[3, "log_overlaps"] == 0 and out.loc[1, "max_iou_higher"] == pytest.approx(0.5)
     # image b has no evidence: ensemble = score / 2; image a: mean with 0.6
     assert out["ensemble_score"].tolist() == pytest.approx([0.2, 0.55, 0.75, 0.65])
+
+
+# ----------------------------------------------------------------------------- pair search vs dense
+
+
+def dense():
+    """The dense IoU matrices everywhere (the pair search never starts)."""
+    return mock.patch.object(F, "SPARSE_MIN_PAIRS", 1 << 62)
+
+
+def sparse(budget: int = 1 << 22, row_min: float = 128.0):
+    """The pair search for every block, ``budget`` candidate pairs at a time."""
+    patches = [mock.patch.object(F, "SPARSE_MIN_PAIRS", 0), mock.patch.object(F, "PAIR_BUDGET", budget),
+               mock.patch.object(F._Grid, "ROW_MIN", row_min)]
+
+    class Both:
+        def __enter__(self):
+            for p in patches:
+                p.__enter__()
+
+        def __exit__(self, *exc):
+            for p in reversed(patches):
+                p.__exit__(*exc)
+
+    return Both()
+
+
+def box_sets(max_size: int = 25):
+    """(n, 4) float32 boxes on a coarse grid (duplicates, shared edges, touching and empty
+    boxes are common) or anywhere, and (n,) float32 scores from a few values (ties)."""
+    coord = st.one_of(st.integers(-4, 40).map(float), st.floats(-50, 300, width=32))
+    side = st.one_of(st.integers(0, 12).map(float), st.floats(0, 120, width=32))
+    row = st.tuples(coord, coord, side, side, st.sampled_from([0.0, 0.02, 0.3, 0.5, 0.5, 0.9, 1.0]))
+    return st.lists(row, min_size=0, max_size=max_size).map(_as_boxes)
+
+
+def _as_boxes(rows):
+    a = np.array(rows, np.float32).reshape(-1, 5)
+    boxes = np.c_[a[:, :2], a[:, :2] + a[:, 2:4]].astype(np.float32)
+    return boxes, a[:, 4].copy()
+
+
+def assert_pairs_are_the_nonzero_ious(a, b):
+    i, j, iou = overlap_pairs(a, b)
+    dense_iou = pairwise_iou(a, b)
+    di, dj = np.nonzero(dense_iou)
+    order = np.lexsort((j, i))
+    assert np.array_equal(i[order], di) and np.array_equal(j[order], dj)
+    assert np.array_equal(iou[order].view(np.uint32), dense_iou[di, dj].view(np.uint32))
+
+
+@settings(max_examples=150, deadline=None)
+@given(box_sets(), box_sets(), st.sampled_from([1, 5, 1 << 22]), st.sampled_from([1.0, 128.0]))
+def test_pair_search_finds_exactly_the_nonzero_ious(a, b, budget, row_min):
+    with sparse(budget, row_min):
+        assert_pairs_are_the_nonzero_ious(a[0], b[0])
+        assert_pairs_are_the_nonzero_ious(a[0], a[0])
+
+
+def test_pair_search_with_huge_coordinates_and_degenerate_boxes():
+    boxes = np.array([[0, 0, 10, 10], [5, 5, 5, 20], [3e7, 0, 3.1e7, 10], [0, 0, 10, 10], [9, 9, 30, 30],
+                      [10, 0, 20, 10], [np.inf, 0, np.inf, 5], [-2e9, -5, 2e9, 5]], np.float32)
+    with np.errstate(invalid="ignore"):  # the dense reference's inf - inf
+        assert_pairs_are_the_nonzero_ious(boxes, boxes)
+        assert_pairs_are_the_nonzero_ious(boxes[:2], boxes)
+        assert_pairs_are_the_nonzero_ious(boxes, boxes[:2])
+        assert_pairs_are_the_nonzero_ious(boxes[:0], boxes)
+
+
+@settings(max_examples=150, deadline=None)
+@given(box_sets(), st.lists(box_sets(12), min_size=0, max_size=3), st.sampled_from([1, 7, 1 << 22]),
+       st.sampled_from([1.0, 128.0]))
+def test_pair_search_gives_the_dense_features_bit_for_bit(own, evidence, budget, row_min):
+    boxes, scores = own
+    with dense():
+        want = F._box_features(boxes, scores, 320, 240, evidence)
+        want_ens = ensemble_scores(scores, boxes, evidence)
+        want_n, want_e = neighbour_features(boxes, scores), evidence_features(boxes, evidence)
+    with sparse(budget, row_min):
+        got = F._box_features(boxes, scores, 320, 240, evidence)
+        got_ens = ensemble_scores(scores, boxes, evidence)
+        got_n, got_e = neighbour_features(boxes, scores), evidence_features(boxes, evidence)
+    assert np.array_equal(got[0].view(np.uint32), want[0].view(np.uint32))
+    for (gs, gi), (ws, wi) in zip(got[1], want[1]):
+        assert np.array_equal(gs.view(np.uint64), ws.view(np.uint64)) and np.array_equal(gi.view(np.uint64), wi.view(np.uint64))
+    assert np.array_equal(got_ens.view(np.uint32), want_ens.view(np.uint32))
+    assert np.array_equal(got_n.view(np.uint64), want_n.view(np.uint64))
+    assert np.array_equal(got_e.view(np.uint64), want_e.view(np.uint64))
+
+
+def test_negative_scores_keep_the_dense_path():
+    # a row's implicit 0 could be its maximum: the pair search is not used
+    other = (BOXES.copy(), np.array([-0.5, -0.2, -0.1], np.float32))
+    with dense():
+        want = F.best_evidence(BOXES, *other)
+    with sparse():
+        got = F.best_evidence(BOXES, *other)
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]) and got[0].tolist() == [0, 0, 0]
+
+
+def views_frame(rng, image_id: str, detector: str, views, n: int) -> pd.DataFrame:
+    """Boxes of one detector on a 2000 x 1500 image, clustered around 15 faces, per view."""
+    faces = rng.uniform(0, 1800, (15, 2))
+    size = np.exp(rng.uniform(np.log(8), np.log(200), (15, 1)))
+    faces = np.c_[faces, faces + size].astype(np.float32)
+    parts = []
+    for scale, flip in views:
+        b = faces[rng.integers(0, 15, n)] + rng.normal(0, 3, (n, 4)).astype(np.float32)
+        b[:, 2:] = np.maximum(b[:, 2:], b[:, :2] + 1)
+        score = np.round(rng.uniform(0.02, 1, n), 2).astype(np.float32)  # ties
+        parts.append(pd.DataFrame({"image_id": image_id, "detector": detector, "scale": scale, "flip": flip,
+                                   "x1": b[:, 0], "y1": b[:, 1], "x2": b[:, 2], "y2": b[:, 3], "score": score}))
+    return pd.concat(parts, ignore_index=True)
+
+
+MULTI = [(4096, False), (4096, True), (2048, False)]
+
+
+def test_evidence_is_the_same_view_of_the_other_detectors():
+    rng = np.random.default_rng(3)
+    dets = pd.concat([views_frame(rng, i, "a", MULTI, 60) for i in ("x", "y")], ignore_index=True)
+    others = {d: pd.concat([views_frame(rng, i, d, MULTI, 50) for i in ("x", "y")], ignore_index=True) for d in ("b", "c")}
+    others["c"] = others["c"][~((others["c"]["image_id"] == "y") & (others["c"]["scale"] == 2048))]  # a view missing
+    sizes = {"x": (2000, 1500), "y": (2000, 1500)}
+    out = frame_features(dets, others, sizes)
+    empty = (np.zeros((0, 4), np.float32), np.zeros(0, np.float32))
+    for (image_id, scale, flip), rows in dets.groupby(["image_id", "scale", "flip"]).indices.items():
+        ev = []
+        for d in ("b", "c"):
+            f = others[d]
+            f = f[(f["image_id"] == image_id) & (f["scale"] == scale) & (f["flip"] == flip)]
+            ev.append((f[["x1", "y1", "x2", "y2"]].to_numpy(np.float32), f["score"].to_numpy(np.float32)) if len(f) else empty)
+        boxes = dets.loc[rows, ["x1", "y1", "x2", "y2"]].to_numpy(np.float32)
+        scores = dets.loc[rows, "score"].to_numpy(np.float32)
+        assert np.array_equal(out.loc[rows, list(FEATURES)].to_numpy(), box_features(boxes, scores, 2000, 1500, ev))
+        assert np.array_equal(out.loc[rows, "ensemble_score"].to_numpy(), ensemble_scores(scores, boxes, ev))
+    # frames without scale/flip: every view of the image is the evidence of every view (as before)
+    columns = ["image_id", "x1", "y1", "x2", "y2", "score"]
+    all_views = frame_features(dets, {d: f[columns] for d, f in others.items()}, sizes)
+    rows = dets.index[(dets["image_id"] == "x") & (dets["scale"] == 4096) & ~dets["flip"]]
+    ev = [(f.loc[f["image_id"] == "x", columns[1:5]].to_numpy(np.float32), f.loc[f["image_id"] == "x", "score"].to_numpy(np.float32))
+          for f in others.values()]
+    want = box_features(dets.loc[rows, columns[1:5]].to_numpy(np.float32), dets.loc[rows, "score"].to_numpy(np.float32),
+                        2000, 1500, ev)
+    assert np.array_equal(all_views.loc[rows, list(FEATURES)].to_numpy(), want)
+    assert not np.array_equal(all_views[list(EVIDENCE)].to_numpy(), out[list(EVIDENCE)].to_numpy())
+
+
+@pytest.mark.parametrize("views", [[(0, False)], MULTI], ids=["original", "multi-view"])
+def test_frame_features_pair_search_equals_dense(views):
+    # original: one view, so also the features as they were before views (evidence frames
+    # without scale/flip, dense matrices) bit for bit
+    rng = np.random.default_rng(4)
+    dets = pd.concat([views_frame(rng, i, "a", views, 400) for i in ("x", "y")], ignore_index=True)
+    others = {d: pd.concat([views_frame(rng, i, d, views, 300) for i in ("x", "y")], ignore_index=True) for d in ("b", "c")}
+    sizes = {"x": (2000, 1500), "y": (2000, 1500)}
+    columns = [*FEATURES, "ensemble_score"]
+    got = frame_features(dets, others, sizes)[columns].to_numpy()
+    with dense():
+        want = frame_features(dets, others, sizes)[columns].to_numpy()
+        before = frame_features(dets, {d: f.drop(columns=["scale", "flip"]) for d, f in others.items()}, sizes)
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    assert np.array_equal(got.view(np.uint32), before[columns].to_numpy().view(np.uint32)) == (len(views) == 1)
+
+
+def test_features_config_marks_multi_view_evidence_only():
+    from stages import featurestore
+
+    single = featurestore._features_config("d", "a", "original", ["a", "b"])
+    assert "evidence_view" not in single and featurestore._features_config("d", "a", "8k", ["b"]).get("evidence_view") is None
+    multi = featurestore._features_config("d", "a", "8k-multi", ["a", "b"])
+    assert multi["evidence_view"] == "same"
+    # a multi-view shard written before evidence was per view is refused; a single-view one is served
+    source_hash = "0" * 64
+    for config, old_meta, valid in [(multi, {k: v for k, v in multi.items() if k != "evidence_view"}, False),
+                                    (multi, multi, True), (single, single, True)]:
+        meta = {"config": old_meta, "inputs": {"src": source_hash}}
+        with mock.patch("pipeline.tables.read_metadata", return_value=meta), \
+                mock.patch("pipeline.provenance.sha256_file", return_value=source_hash), \
+                mock.patch("pathlib.Path.is_file", return_value=True):
+            from pathlib import Path
+
+            assert featurestore._cache_valid(Path("cached"), Path("src"), config) is valid
 
 
 # ----------------------------------------------------------------------------- gbm
