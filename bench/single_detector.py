@@ -91,7 +91,8 @@ class Paths:
         t0 = time.perf_counter()
         dets = detections(self.single_loop, image)
         t1 = time.perf_counter()
-        image_cols = self.evidence.image_evidence(self.evidence.prepare(bgr), dets[["x1", "y1", "x2", "y2"]].to_numpy(np.float32))
+        boxes = dets[["x1", "y1", "x2", "y2"]].to_numpy(np.float32)
+        image_cols = self.evidence.image_evidence(self.evidence.prepare(bgr), boxes)
         t2 = time.perf_counter()
         height, width = bgr.shape[:2]
         frame = frame_features(dets, {}, {image.image_id: (width, height)})
