@@ -13,11 +13,16 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+import pandas as pd
 import torch
 from torchvision.ops import batched_nms, box_iou
 from torchvision.ops import nms as _torchvision_nms
 
 from pipeline.iou import paired_iou_continuous, shift_plus_one
+
+#: box columns of every table, x1, y1, x2, y2 in original-image pixels
+BOX = ["x1", "y1", "x2", "y2"]
 
 #: IoU matrix entries computed at once when assigning boxes to voting clusters
 _CHUNK = 1 << 22
@@ -248,3 +253,26 @@ def oracle_iou(
             best[part] = torch.where(hit, value, 0.0)
             index[part] = torch.where(hit, arg + a, -1)
     return best, index
+
+
+def annotate_oracle(dets: pd.DataFrame, gt: pd.DataFrame) -> pd.DataFrame:
+    """``dets`` (a detections table) with ``oracle_iou`` (float32: IoU, +1 convention, with the
+    closest face of its image, 0 when none) and ``gt_id`` (int32: that face, -1 when none) columns,
+    replacing old ones; ``gt`` is the ground-truth table (``image_id, gt_id, x1..y2``)."""
+    dets = dets.drop(columns=[c for c in ("oracle_iou", "gt_id") if c in dets])
+    image_ids = dets["image_id"].astype(str)
+    gt = gt[gt["image_id"].isin(set(image_ids))]
+    codes, uniques = pd.factorize(pd.concat([image_ids, gt["image_id"]], ignore_index=True), sort=True)
+    det_codes, gt_codes = codes[: len(dets)], codes[len(dets):]
+    order = np.lexsort((gt["gt_id"].to_numpy(), gt_codes))
+    gt_boxes = torch.from_numpy(gt[BOX].to_numpy(np.float64, copy=True)[order])
+    iou, row = oracle_iou(
+        torch.from_numpy(dets[BOX].to_numpy(np.float64, copy=True)), torch.from_numpy(det_codes.astype(np.int64)),
+        gt_boxes, torch.from_numpy(gt_codes[order].astype(np.int64)),
+    )
+    row = row.numpy()
+    gt_ids = gt["gt_id"].to_numpy()[order]
+    out = dets.copy()
+    out["oracle_iou"] = iou.numpy().astype(np.float32)
+    out["gt_id"] = np.where(row >= 0, gt_ids[np.maximum(row, 0)] if len(gt_ids) else -1, -1).astype(np.int32)
+    return out
