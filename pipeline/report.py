@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -429,3 +430,74 @@ def examples_figure(image_rgb: np.ndarray, panels: Mapping[str, tuple[pd.DataFra
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+# ----------------------------------------------------------------------------- the page
+
+CSS = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:90%}th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th{background:#f0f0f0}td:nth-child(-n+4){text-align:left}img{max-width:100%}footer{margin-top:3em;font-size:80%;color:#555}
+figure{margin:1.5em 0}figcaption{font-size:85%;color:#444;max-width:900px}nav{font-size:90%}.note{font-size:85%;color:#444}"""
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A saved figure: its page section, title, path relative to the page, and caption."""
+
+    section: str
+    title: str
+    path: str
+    caption: str
+
+
+@dataclass(frozen=True)
+class Section:
+    """One part of the page: a title, an optional table, and a note under it. The figures
+    saved under the same title follow the table."""
+
+    title: str
+    table: pd.DataFrame | None = None
+    note: str = ""
+
+
+def _anchor(title: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in title.lower()).strip("-")
+
+
+def _figure_html(fig: Figure) -> str:
+    return (f"<figure><img src='{html.escape(fig.path)}' alt='{html.escape(fig.title)}'>"
+            f"<figcaption><b>{html.escape(fig.title)}.</b> {html.escape(fig.caption)}</figcaption></figure>")
+
+
+def _figure_md(fig: Figure) -> str:
+    return f"![{fig.title}]({fig.path})\n\n*{fig.title}.* {fig.caption}\n"
+
+
+def render(sections: list[Section], used: Mapping[str, str], figures: list[Figure], footer: Mapping[str, str],
+           fmt: str) -> str:
+    """The report page as HTML (``fmt`` html) or markdown (md): the same sections, tables and
+    figures (those saved under a section's title follow its table); a section with neither
+    table nor figures is left out. ``used`` are the settings listed at the top, ``footer`` the
+    provenance line."""
+    md = fmt == "md"
+    shown = [s for s in sections if s.table is not None or any(f.section == s.title for f in figures)]
+    body, prov = [s for s in shown if s.title != "Provenance"], next(s for s in shown if s.title == "Provenance")
+    out = ["# confrank report\n" if md else f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>confrank report</title><style>{CSS}</style></head><body><h1>confrank report</h1>"]
+    settings = "".join(f"- **{k}**: {v}\n" if md else f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>" for k, v in used.items())
+    out.append(f"\n{settings}\n" if md else f"<ul>{settings}</ul>")
+    if not md:
+        links = " · ".join(f"<a href='#{_anchor(s.title)}'>{html.escape(s.title)}</a>" for s in shown)
+        out.append(f"<nav>{links}</nav>")
+    for sec in body:
+        out.append(f"## {sec.title}\n" if md else f"<section><h2 id='{_anchor(sec.title)}'>{html.escape(sec.title)}</h2>")
+        if sec.table is not None:
+            out.append(to_markdown(sec.table) if md else to_html(sec.table))
+        if sec.note:
+            out.append(f"{sec.note}\n" if md else f"<p class='note'>{html.escape(sec.note)}</p>")
+        out += [_figure_md(f) if md else _figure_html(f) for f in figures if f.section == sec.title]
+        if not md:
+            out.append("</section>")
+    foot = "; ".join(f"{k}: {v}" for k, v in footer.items())
+    out.append(f"## Provenance\n\n{to_markdown(prov.table)}\n{foot}\n" if md
+               else f"<footer><h2 id='provenance'>Provenance</h2>{to_html(prov.table)}<p>{html.escape(foot)}</p></footer></body></html>\n")
+    return "\n".join(out)

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-import html
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +28,6 @@ from pipeline.atomic_io import write_text_atomic, atomic_output
 from pipeline.provenance import code_version, config_hash
 from pipeline.tables import read_metadata, read_table, read_tables, shard_paths
 from stages.layout import Layout, data_dir_option
-
-CSS = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:1em 0;font-size:90%}th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}
-th{background:#f0f0f0}td:nth-child(-n+4){text-align:left}img{max-width:100%}footer{margin-top:3em;font-size:80%;color:#555}
-figure{margin:1.5em 0}figcaption{font-size:85%;color:#444;max-width:900px}nav{font-size:90%}.note{font-size:85%;color:#444}"""
 
 
 def _parse_setting(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, Any]:
@@ -120,23 +113,13 @@ def images_table(layout: Layout, dataset: str) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- figures
 
 
-@dataclass(frozen=True)
-class Figure:
-    """A saved figure: its page section, title, path relative to the page, and caption."""
-
-    section: str
-    title: str
-    path: str
-    caption: str
-
-
 class Figures:
     """Saves figures under ``folder`` and remembers them (with captions) for the page."""
 
     def __init__(self, folder: Path, layout: Layout):
         self.folder = folder
         self.layout = layout
-        self.items: list[Figure] = []
+        self.items: list[rp.Figure] = []
 
     def save(self, section: str, title: str, name: str, fig, caption: str) -> None:
         """Write ``fig`` as ``figures/{name}``; ``caption`` says what it shows and from which files."""
@@ -145,7 +128,7 @@ class Figures:
         with atomic_output(self.folder / name) as tmp:
             fig.savefig(tmp, format="png", dpi=90, metadata={"Software": None})
         plt.close(fig)
-        self.items.append(Figure(section, title, f"figures/{name}", caption))
+        self.items.append(rp.Figure(section, title, f"figures/{name}", caption))
 
     def files(self, *paths: Path) -> str:
         """``paths`` relative to the data folder, for a caption."""
@@ -281,16 +264,6 @@ def provenance_rows(records: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["result", "rule", "stage", "config hash", "code version"])
 
 
-@dataclass(frozen=True)
-class Section:
-    """One part of the page: a title, an optional table, and a note under it. The figures
-    saved under the same title follow the table."""
-
-    title: str
-    table: pd.DataFrame | None = None
-    note: str = ""
-
-
 CV_TITLE = "Cross-validation of ranker variants (ΔAP)"
 RESULTS_NOTE = ("AP in %: Easy/Medium/Hard at IoU 0.5 (the WiderFace protocol), then AP@[.5:.95] (mean over IoU "
                 "0.5:0.05:0.95, the 2018 challenge metric); AP (boxes): VOC AP at 0.5 for box sets without keep "
@@ -303,7 +276,7 @@ ATTRIBUTE_NOTE = ("AP (%, IoU 0.5) over the faces with one attribute value: hard
                   "(ap_by_attribute) under processed/metrics/.")
 
 
-def build_sections(layout: Layout, settings: Mapping[str, Any], figs: Figures) -> tuple[list[Section], dict[str, Any]]:
+def build_sections(layout: Layout, settings: Mapping[str, Any], figs: Figures) -> tuple[list[rp.Section], dict[str, Any]]:
     """The page's sections in order (figures saved into ``figs``) and a summary of the settings used."""
     records = read_metrics(layout)
     if not records:
@@ -311,76 +284,36 @@ def build_sections(layout: Layout, settings: Mapping[str, Any], figs: Figures) -
     metrics = rp.metrics_frame(records)
     timings = read_timings(layout, metrics)
     expected = [tuple(e) for e in settings.get("expected", [])]
-    sections = [Section("Results (AP %, time per image)", rp.results_table(metrics, timings, expected), RESULTS_NOTE),
-                Section("Rank against multi-scale", rp.speedups(metrics, timings),
+    sections = [rp.Section("Results (AP %, time per image)", rp.results_table(metrics, timings, expected), RESULTS_NOTE),
+                rp.Section("Rank against multi-scale", rp.speedups(metrics, timings),
                         "speed-up = total ms/img of multi / total ms/img of rank."),
-                Section("AP by face attribute", rp.attribute_table(rp.attribute_frame(records)), ATTRIBUTE_NOTE)]
+                rp.Section("AP by face attribute", rp.attribute_table(rp.attribute_frame(records)), ATTRIBUTE_NOTE)]
     summaries = {path: rp.cv_summary(frame) for path, frame in read_cv_deltas(layout).items()}
     if summaries:
-        sections.append(Section(CV_TITLE, rp.cv_table(pd.concat(summaries.values(), ignore_index=True)),
+        sections.append(rp.Section(CV_TITLE, rp.cv_table(pd.concat(summaries.values(), ignore_index=True)),
                                 "ΔAP = AP(rank) − AP(single) in AP points, mean ± sd (ddof 1) over the folds; "
                                 f"from {', '.join(summaries)}."))
         cv_figures(summaries, figs)
     rep = settings.get("report", {})
     example_figures(layout, metrics, figs, int(rep.get("example_images", 2)), float(rep.get("example_threshold", 0.5)))
-    sections.append(Section("Examples: where re-ranking changed the most"))
+    sections.append(rp.Section("Examples: where re-ranking changed the most"))
     rankers = settings.get("rankers", {})
     for setting, title in (("loss", "Loss ablation (table 1)"), ("n_pairs", "Number of pairs (table 2)")):
         table = rp.ablation_table(metrics, rankers, setting)
         if len(table):
-            sections.append(Section(title, table))
+            sections.append(rp.Section(title, table))
     pr_figures(layout, metrics, figs)
     score_figures(layout, metrics, figs)
     height_figures(layout, metrics, figs)
     loss_figures(layout, figs)
-    sections += [Section(t) for t in ("PR curves", "Confidence distributions", "Face heights", "Ranker training")]
+    sections += [rp.Section(t) for t in ("PR curves", "Confidence distributions", "Face heights", "Ranker training")]
     used = {
         "score transform": ", ".join(sorted(set(metrics["score_transform"].astype(str)))),
         "keep_singletons (box voting)": ", ".join(sorted({str(v) for v in metrics["keep_singletons"].dropna()})) or rp.MISSING,
         "fusion": ", ".join(sorted({str(v) for v in metrics["fusion"].dropna()})) or rp.MISSING,
         "postprocess config": json.dumps(settings.get("postprocess", {}), sort_keys=True),
     }
-    return sections + [Section("Provenance", provenance_rows(records))], used
-
-
-def _anchor(title: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in title.lower()).strip("-")
-
-
-def _figure_html(fig: Figure) -> str:
-    return (f"<figure><img src='{html.escape(fig.path)}' alt='{html.escape(fig.title)}'>"
-            f"<figcaption><b>{html.escape(fig.title)}.</b> {html.escape(fig.caption)}</figcaption></figure>")
-
-
-def _figure_md(fig: Figure) -> str:
-    return f"![{fig.title}]({fig.path})\n\n*{fig.title}.* {fig.caption}\n"
-
-
-def render(sections: list[Section], used: Mapping[str, str], figs: Figures, footer: Mapping[str, str], fmt: str) -> str:
-    """The page as HTML (``fmt`` html) or markdown (md): the same sections, tables and figures;
-    a section with neither table nor figures is left out."""
-    md = fmt == "md"
-    shown = [s for s in sections if s.table is not None or any(f.section == s.title for f in figs.items)]
-    body, prov = [s for s in shown if s.title != "Provenance"], next(s for s in shown if s.title == "Provenance")
-    out = ["# confrank report\n" if md else f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>confrank report</title><style>{CSS}</style></head><body><h1>confrank report</h1>"]
-    settings = "".join(f"- **{k}**: {v}\n" if md else f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>" for k, v in used.items())
-    out.append(f"\n{settings}\n" if md else f"<ul>{settings}</ul>")
-    if not md:
-        links = " · ".join(f"<a href='#{_anchor(s.title)}'>{html.escape(s.title)}</a>" for s in shown)
-        out.append(f"<nav>{links}</nav>")
-    for sec in body:
-        out.append(f"## {sec.title}\n" if md else f"<section><h2 id='{_anchor(sec.title)}'>{html.escape(sec.title)}</h2>")
-        if sec.table is not None:
-            out.append(rp.to_markdown(sec.table) if md else rp.to_html(sec.table))
-        if sec.note:
-            out.append(f"{sec.note}\n" if md else f"<p class='note'>{html.escape(sec.note)}</p>")
-        out += [_figure_md(f) if md else _figure_html(f) for f in figs.items if f.section == sec.title]
-        if not md:
-            out.append("</section>")
-    foot = "; ".join(f"{k}: {v}" for k, v in footer.items())
-    out.append(f"## Provenance\n\n{rp.to_markdown(prov.table)}\n{foot}\n" if md
-               else f"<footer><h2 id='provenance'>Provenance</h2>{rp.to_html(prov.table)}<p>{html.escape(foot)}</p></footer></body></html>\n")
-    return "\n".join(out)
+    return sections + [rp.Section("Provenance", provenance_rows(records))], used
 
 
 @click.command("report")
@@ -399,6 +332,6 @@ def cli(out: Path | None, settings: dict[str, Any], data_dir: Path) -> None:
     footer = {"rule": os.environ.get("CONFRANK_RULE") or "(run by hand)",
               "workflow config hash": settings.get("config_hash") or config_hash(settings),
               "code version": code_version()}
-    write_text_atomic(files.html, render(sections, used, figs, footer, "html"))
-    write_text_atomic(files.md, render(sections, used, figs, footer, "md"))
+    write_text_atomic(files.html, rp.render(sections, used, figs.items, footer, "html"))
+    write_text_atomic(files.md, rp.render(sections, used, figs.items, footer, "md"))
     click.echo(f"report: {len(sections[0].table)} results, {len(figs.items)} figures -> {files.html}")
