@@ -14,9 +14,18 @@ fold, subset): ``cv, ranker, detector, scales, fold, subset, ap_single, ap_rank,
 ap_ensemble, delta`` (= ap_rank - ap_single), ``n_images``, ``n_faces``,
 ``train_detectors``, ``train_seconds``.
 
+Every fold also scores ``wbf`` (Weighted Boxes Fusion of the evidence detectors' held-out
+boxes, column ``ap_wbf``); a ranker whose kind fuses (``fusion``) is scored as its fused boxes.
+With ``--grid`` the setting of each outer fold is chosen on inner folds of its training images
+(nested cross-validation; ``chosen`` column, ``search.parquet``). Every method's held-out final
+boxes go to ``finals.parquet``; each fold's ``images.parquet`` lists the images it trained on and
+evaluated (a fold that did both with one image fails).
+
 ``confrank cv summary`` concatenates the variants of one experiment into
 ``Layout.cv_deltas(cv)`` and writes ``Layout.cv_summary(cv)``: mean +- sd over folds of
-ΔAP = rank - single (and ensemble - single, oracle - single) per detector and variant.
+ΔAP = rank - single (and ensemble - single, oracle - single, rank - wbf) per detector and
+variant, and per-image paired bootstrap intervals of the pooled held-out images
+(``bootstrap.parquet``).
 """
 
 from __future__ import annotations
@@ -86,7 +95,7 @@ def blind(frame: pd.DataFrame) -> pd.DataFrame:
 @dataclass
 class Pool:
     """What every fold of one cross-validation reads: the rows of each (dataset, detector), the
-    ground truth, the scoring contexts and image sizes, the fold of every image."""
+    ground truth, the scoring contexts and image sizes, and the evidence detectors (fused by WBF)."""
 
     layout: Layout
     datasets: list[str]
