@@ -80,12 +80,16 @@ class Paths:
         self.evidence = evidence
         self.ranker = ranker
 
-    def single(self, image: Decoded, bgr: np.ndarray) -> dict[str, float]:
+    @staticmethod
+    def _detect_and_fuse(loop: DetectLoop, image: Decoded, method: str) -> dict[str, float]:
         t0 = time.perf_counter()
-        dets = detections(self.single_loop, image)
+        dets = detections(loop, image)
         t1 = time.perf_counter()
-        fuse(dets, "single", IOU, KEEP, KEEP_SINGLETONS)
+        fuse(dets, method, IOU, KEEP, KEEP_SINGLETONS)
         return {"detect": t1 - t0, "nms": time.perf_counter() - t1}
+
+    def single(self, image: Decoded, bgr: np.ndarray) -> dict[str, float]:
+        return self._detect_and_fuse(self.single_loop, image, "single")
 
     def rank(self, image: Decoded, bgr: np.ndarray) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -106,11 +110,7 @@ class Paths:
                 "nms": time.perf_counter() - t4}
 
     def multi(self, image: Decoded, bgr: np.ndarray) -> dict[str, float]:
-        t0 = time.perf_counter()
-        dets = detections(self.multi_loop, image)
-        t1 = time.perf_counter()
-        fuse(dets, "multi", IOU, KEEP, KEEP_SINGLETONS)
-        return {"detect": t1 - t0, "nms": time.perf_counter() - t1}
+        return self._detect_and_fuse(self.multi_loop, image, "multi")
 
 
 def main() -> None:
