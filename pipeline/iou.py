@@ -103,3 +103,18 @@ def pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     inter = np.clip(w, 0, None) * np.clip(h, 0, None)
     union = area_a[:, None] + area_b[None, :] - inter
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def paired_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``(n,)`` float32 IoU of ``a[i]`` with ``b[i]`` (both ``(n, 4)``), **continuous convention**:
+    the diagonal of :func:`pairwise_iou` ``(a, b)``, with the same float32 arithmetic, without
+    the ``n x n`` matrix."""
+    a = np.asarray(a, np.float32)
+    b = np.asarray(b, np.float32)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    w = np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0])
+    h = np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1])
+    inter = np.clip(w, 0, None) * np.clip(h, 0, None)
+    union = area_a + area_b - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)

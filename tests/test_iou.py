@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torchvision.ops import box_iou
 
-from pipeline.iou import iou_plus_one, iou_plus_one_torch, paired_iou_continuous, pairwise_iou, shift_plus_one
+from pipeline.iou import iou_plus_one, iou_plus_one_torch, paired_iou, paired_iou_continuous, pairwise_iou, shift_plus_one
 from tests.widerface_reference import bbox_overlaps
 
 #: x, y, w, h with w, h >= 0 (a zero-size box is one pixel in the +1 convention, empty in the continuous one)
@@ -119,3 +119,11 @@ def test_paired_iou_is_the_diagonal_of_torchvision(a, rnd):
     assert torch.equal(paired_iou_continuous(shift_plus_one(a), shift_plus_one(b)),
                        torch.diagonal(iou_plus_one_torch(a, b)))
     assert ((pairs >= 0) & (pairs <= 1)).all()
+
+
+@settings(max_examples=50, deadline=None)
+@given(BOXES, BOXES)
+def test_paired_iou_is_the_diagonal_of_pairwise(a, b):
+    a, b = xyxy(a, np.float32), xyxy(b, np.float32)
+    n = min(len(a), len(b))
+    np.testing.assert_array_equal(paired_iou(a[:n], b[:n]), np.diagonal(pairwise_iou(a[:n], b[:n])))

@@ -73,7 +73,8 @@ def feature_columns(groups: Sequence[str]) -> list[str]:
     return columns
 
 
-def _logit(p: np.ndarray) -> np.ndarray:
+def logit(p: np.ndarray) -> np.ndarray:
+    """log(p / (1 - p)) in float64, ``p`` clipped to [1e-6, 1 - 1e-6] first."""
     p = np.clip(p.astype(np.float64), 1e-6, 1 - 1e-6)
     return np.log(p / (1 - p))
 
@@ -90,7 +91,7 @@ def own_features(boxes: np.ndarray, scores: np.ndarray, width: int, height: int)
     rank[order] = np.arange(n)
     best = float(scores.max()) if n else 1.0
     top10 = float(np.sort(scores)[::-1][:10].mean()) if n else 0.0
-    cols = [scores, _logit(scores), np.log(w), np.log(h), np.log(h / w), np.log(w * h / (width * height)),
+    cols = [scores, logit(scores), np.log(w), np.log(h), np.log(h / w), np.log(w * h / (width * height)),
             (boxes[:, 0] + boxes[:, 2]) / (2 * width), (boxes[:, 1] + boxes[:, 3]) / (2 * height),
             rank / max(n, 1), np.log1p(rank), scores / max(best, 1e-6),
             np.full(n, np.log1p((scores >= CONFIDENT).sum())), np.full(n, top10)]

@@ -39,8 +39,8 @@ import torch
 
 from pipeline.boxes import nms
 from pipeline.errors import ConfrankError
-from pipeline.iou import pairwise_iou
-from pipeline.ranker.features import FEATURES
+from pipeline.iou import paired_iou, pairwise_iou
+from pipeline.ranker.features import FEATURES, logit
 from pipeline.ranker.gbm import fitted, gbm_from_payload, gbm_payload, predict_gbm, train_gbm
 from pipeline.ranker.registry import Fitted, FitRun, ScoreContext
 from pipeline.ranker.folds import assign_folds
@@ -58,11 +58,6 @@ CLUSTER_OWN = ("c_score_max", "c_score_second", "c_score_mean", "c_score_min", "
                "c_dup_iou", "c_dup_score", "c_p_max", "c_p_second", "c_p_mean", "c_p_min", "c_p_wbf", "c_p_dup")
 #: cluster feature columns: the cluster's own, then the per-box features of its best box
 CLUSTER_FEATURES: tuple[str, ...] = CLUSTER_OWN + tuple(f"lead_{f}" for f in FEATURES)
-
-
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p.astype(np.float64), 1e-6, 1 - 1e-6)
-    return np.log(p / (1 - p))
 
 
 def kept_boxes(frames: Sequence[pd.DataFrame], nms_iou: float) -> pd.DataFrame:
@@ -127,7 +122,7 @@ def _image_clusters(rows: pd.DataFrame, image_id: str, size: tuple[int, int], n_
     ranked = -np.sort(-best, axis=1)
     present = (best > 0).sum(1)
     members = np.bincount(label, minlength=n)
-    member_iou = np.diagonal(pairwise_iou(boxes, fused[label])) if len(boxes) else np.zeros(0)
+    member_iou = paired_iou(boxes, fused[label])
     w = np.maximum(fused[:, 2] - fused[:, 0], 1e-3)
     h = np.maximum(fused[:, 3] - fused[:, 1], 1e-3)
     cx = (boxes[:, 0] + boxes[:, 2]) / 2
@@ -152,7 +147,7 @@ def _image_clusters(rows: pd.DataFrame, image_id: str, size: tuple[int, int], n_
     dup_iou = higher[np.arange(n), dup]
     width, height = size
     own = np.stack([
-        ranked[:, 0], ranked[:, 1] if n_det > 1 else np.zeros(n), mean_score, ranked[:, -1], _logit(ranked[:, 0]),
+        ranked[:, 0], ranked[:, 1] if n_det > 1 else np.zeros(n), mean_score, ranked[:, -1], logit(ranked[:, 0]),
         present / n_det, (best >= 0.5).sum(1) / n_det, np.log(members), wbf,
         np.bincount(label, member_iou, n) / members, spread, np.log(w), np.log(h), np.log(w * h / (width * height)),
         np.log(h / w), fcx / width, fcy / height, rank / n, np.log1p(rank),
