@@ -42,13 +42,14 @@ def evidence_option(func):
     )(func)
 
 
-def _box_shards(layout: Layout, dataset: str, detector: str, scales: str) -> tuple[list[Path], str]:
-    """(shards, 'oracle' | 'detections') of one detector: oracle shards when they exist."""
+def source_shards(layout: Layout, dataset: str, detector: str, scales: str) -> list[Path]:
+    """The box shards of one detector that the per-box stages read: its oracle shards when they
+    exist, else its detections shards; MissingInputError naming ``confrank detect`` when neither."""
     parts = shard_paths(layout.oracle_dir(dataset, detector, scales))
     if parts:
-        return parts, "oracle"
+        return parts
     return require_shards(layout.detections_dir(dataset, detector, scales), "detection",
-                          f"run `confrank detect --dataset {dataset} --detector {detector} --scales {scales}` first"), "detections"
+                          f"run `confrank detect --dataset {dataset} --detector {detector} --scales {scales}` first")
 
 
 #: the columns of the other detectors' boxes that the features read: ``scale`` and ``flip``
@@ -64,7 +65,7 @@ def _evidence_frames(layout: Layout, dataset: str, detector: str, scales: str, e
 
     frames, inputs = {}, []
     for other in sorted(set(evidence) - {detector}):
-        parts, _ = _box_shards(layout, dataset, other, scales)
+        parts = source_shards(layout, dataset, other, scales)
         frames[other] = read_tables(parts, "detections", columns=EVIDENCE_COLUMNS)
         inputs.extend(parts)
     return frames, inputs
@@ -104,7 +105,7 @@ def compute_features(layout: Layout, dataset: str, detector: str, scales: str,
     """Per shard of ``detector``: (shard index, features frame, inputs read), computed now."""
     from pipeline.ranker.features import frame_features
 
-    parts, _ = _box_shards(layout, dataset, detector, scales)
+    parts = source_shards(layout, dataset, detector, scales)
     sizes, images_path = image_sizes(layout, dataset)
     others, other_inputs = _evidence_frames(layout, dataset, detector, scales, evidence)
     out = []
@@ -162,7 +163,7 @@ def feature_shards(layout: Layout, dataset: str, detector: str, scales: str,
     """
     from pipeline.tables import read_table as read
 
-    sources, _ = _box_shards(layout, dataset, detector, scales)
+    sources = source_shards(layout, dataset, detector, scales)
     config = _features_config(dataset, detector, scales, evidence)
     cached = [layout.features(dataset, detector, scales, _shard_index(s)) for s in sources]
     if all(_cache_valid(c, s, config) for c, s in zip(cached, sources)):
@@ -172,7 +173,7 @@ def feature_shards(layout: Layout, dataset: str, detector: str, scales: str,
 
 def ensure_features(layout: Layout, dataset: str, detector: str, scales: str, evidence: Sequence[str]) -> None:
     """Write the features shards of one detector unless valid ones are there already."""
-    sources, _ = _box_shards(layout, dataset, detector, scales)
+    sources = source_shards(layout, dataset, detector, scales)
     config = _features_config(dataset, detector, scales, evidence)
     cached = [layout.features(dataset, detector, scales, _shard_index(s)) for s in sources]
     if not all(_cache_valid(c, s, config) for c, s in zip(cached, sources)):

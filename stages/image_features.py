@@ -27,21 +27,13 @@ from typing import Any
 import click
 
 from pipeline.errors import ConfrankError, MissingInputError
-from pipeline.tables import read_metadata, read_table, shard_paths
-from stages.common import DETECTION_SORT, pick_device, require_shards, scales_option
+from pipeline.tables import read_metadata, read_table
+from stages.common import DETECTION_SORT, pick_device, scales_option
+from stages.featurestore import source_shards
 from stages.layout import Layout, data_dir_option
 
 #: images decoded (and resized) ahead of the network, in a thread
 PREFETCH = 2
-
-
-def box_shards(layout: Layout, dataset: str, detector: str, scales: str) -> list[Path]:
-    """The oracle shards of one detector, or its detections shards when it has none."""
-    parts = shard_paths(layout.oracle_dir(dataset, detector, scales))
-    if parts:
-        return parts
-    return require_shards(layout.detections_dir(dataset, detector, scales), "detection",
-                          f"run `confrank detect --dataset {dataset} --detector {detector} --scales {scales}` first")
 
 
 def image_files(layout: Layout, dataset: str) -> tuple[dict[str, tuple[Path, int, int]], Path]:
@@ -118,7 +110,7 @@ def run_image_features(layout: Layout, dataset: str, detector: str, scales: str,
 
     if net not in EVIDENCE_NETS:
         raise ConfrankError(f"--evidence-net {net!r}: expected one of {', '.join(EVIDENCE_NETS)}")
-    sources = box_shards(layout, dataset, detector, scales)
+    sources = source_shards(layout, dataset, detector, scales)
     files, images_path = image_files(layout, dataset)
     info = registry.get_info(net)
     names = [*info.weights, *(["mtcnn_rnet"] if rnet_top_k else [])]

@@ -28,10 +28,10 @@ from pipeline.atomic_io import atomic_output, write_text_atomic
 from pipeline.errors import ConfrankError, FormatError, MissingInputError
 from pipeline.imaging import decode_image
 from pipeline.provenance import provenance
-from pipeline.ranker.registry import BoxData, Fitted, FitRun, LoadedRanker, RankerKind, ScoreContext, settings_of
+from pipeline.ranker.registry import BoxData, Fitted, FitRun, RankerKind, ScoreContext, settings_of
 from pipeline.tables import read_metadata, read_table, read_tables, shard_paths, write_table
 from stages.common import pick_device
-from stages.featurestore import feature_shards
+from stages.featurestore import feature_shards, source_shards
 from stages.layout import Layout
 
 #: columns of the oracle shards a ``boxes`` ranker trains on
@@ -170,11 +170,10 @@ def _with_image_features(layout: Layout, dataset: str, det: str, scales: str, sh
     return out, [path]
 
 
-def ranker_shards(layout: Layout, kind: RankerKind, loaded_or_settings: Any, dataset: str, det: str,
+def ranker_shards(layout: Layout, kind: RankerKind, settings: Any, dataset: str, det: str,
                   scales: str) -> list[tuple[int, pd.DataFrame, list[Path]]]:
     """The rows a ranker of ``kind`` reads for one detector: (shard index, frame, files read) per
     shard, rows in stored order; ``image_id`` and ``detector`` as plain strings."""
-    settings = loaded_or_settings.settings if isinstance(loaded_or_settings, LoadedRanker) else loaded_or_settings
     if kind.reads == "features":
         evidence = settings.evidence_set
         shards = feature_shards(layout, dataset, det, scales, evidence if evidence else None)
@@ -185,11 +184,8 @@ def ranker_shards(layout: Layout, kind: RankerKind, loaded_or_settings: Any, dat
                 joined.append((shard, frame, inputs + more))
             shards = joined
     else:
-        parts = shard_paths(layout.oracle_dir(dataset, det, scales)) or shard_paths(layout.detections_dir(dataset, det, scales))
-        if not parts:
-            raise MissingInputError(f"{layout.detections_dir(dataset, det, scales)}: no detections shards; run "
-                                    f"`confrank detect --dataset {dataset} --detector {det} --scales {scales}` first")
-        shards = [(int(p.stem.split("-", 1)[1]), read_table(p, "detections"), [p]) for p in parts]
+        shards = [(int(p.stem.split("-", 1)[1]), read_table(p, "detections"), [p])
+                  for p in source_shards(layout, dataset, det, scales)]
     for _, frame, _ in shards:
         for col in ("image_id", "detector"):
             frame[col] = frame[col].astype(str)

@@ -262,7 +262,7 @@ def test_fusion_ignores_ground_truth_columns(pool):
     invoke(train_stage.cli, ["--datasets", "toy", "--detectors", "detA,detB", "--scales", "original", "--ranker", "f",
                              *FUSION], pool)
     loaded = load_ranker(pool.ranker_model("f"))
-    frames = [pd.concat([f for _, f, _ in ranker_shards(pool, loaded.kind, loaded, "toy2", d, "original")])
+    frames = [pd.concat([f for _, f, _ in ranker_shards(pool, loaded.kind, loaded.settings, "toy2", d, "original")])
               for d in ("detA", "detB")]
     sizes = {i: (200, 100) for i in frames[0]["image_id"].unique()}
     impl = loaded.kind.impl()
