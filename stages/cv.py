@@ -134,30 +134,24 @@ def _fold(pool: Pool, values: dict[str, Any], detectors: list[str], train_detect
     loaded = load_ranker(fold_dir / "model.pt", pick_device(device))
     impl = loaded.kind.impl()
 
-    def held(det: str) -> dict[str, pd.DataFrame]:
-        out = {}
-        for dataset in pool.datasets:
-            frame = pool.frames[(dataset, det)]
-            out[dataset] = frame[frame["image_id"].isin(test_ids[dataset])].reset_index(drop=True)
-        return out
-
+    fused = pool.evidence if len(pool.evidence) > 1 else ()
+    held = {det: {d: pool.frames[(d, det)][pool.frames[(d, det)]["image_id"].isin(test_ids[d])].reset_index(drop=True)
+                  for d in pool.datasets}
+            for det in dict.fromkeys([*detectors, *fused])}  # each detector's held-out rows, per dataset
     given: dict[str, dict[str, pd.DataFrame]] = {}
-    if len(pool.evidence) > 1:  # the training-free fusion of the evidence detectors
-        given["wbf"] = {}
-        for dataset in pool.datasets:
-            parts = [held(det)[dataset] for det in pool.evidence]
-            given["wbf"][dataset] = weighted_boxes_fusion(parts, pool.sizes[dataset], nms_iou=NMS_IOU)
+    if fused:  # the training-free fusion of the evidence detectors
+        given["wbf"] = {d: weighted_boxes_fusion([held[det][d] for det in fused], pool.sizes[d], nms_iou=NMS_IOU)
+                        for d in pool.datasets}
     fuses = loaded.kind.fuses
     if fuses:  # a learned fusion: one set of final boxes whatever detector is evaluated
-        given["rank"] = {}
-        for dataset in pool.datasets:
-            parts = [blind(held(det)[dataset]) for det in loaded.settings.evidence_set]
-            given["rank"][dataset] = impl.fuse(loaded.model, loaded.settings, parts, pool.sizes[dataset])
-    methods = [m for m in METHODS if m != "ensemble" or pool.evidence] + list(given.keys() - set(METHODS))
+        given["rank"] = {d: impl.fuse(loaded.model, loaded.settings,
+                                      [blind(held[det][d]) for det in loaded.settings.evidence_set], pool.sizes[d])
+                         for d in pool.datasets}
+    methods = [m for m in METHODS if m != "ensemble" or pool.evidence] + [m for m in given if m not in METHODS]
     gt = {d: pool.gts[d][pool.gts[d]["image_id"].isin(test_ids[d])] for d in pool.datasets}
     aps, finals, evaluated = {}, {}, []
     for det in detectors:
-        frames = held(det)
+        frames = held[det]
         for dataset, frame in frames.items():
             frame["rank_score"] = frame["score"] if fuses else loaded.score(blind(frame), pool.contexts[dataset])
             evaluated += [(dataset, i) for i in frame["image_id"].unique()]
