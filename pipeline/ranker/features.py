@@ -498,7 +498,6 @@ def frame_features(dets: pd.DataFrame, evidence: dict[str, pd.DataFrame],
     single-view set (``original``, ``8k``) the two are the same boxes. An image (or view)
     missing from an evidence frame counts as that detector finding nothing there.
     """
-    out = dets.copy()
     feats = np.zeros((len(dets), len(FEATURES)), np.float32)
     ens = np.zeros(len(dets), np.float32)
     empty = (np.zeros((0, 4), np.float32), np.zeros(0, np.float32))
@@ -515,10 +514,9 @@ def frame_features(dets: pd.DataFrame, evidence: dict[str, pd.DataFrame],
         ev = [groups.get((image_id, scale, flip) if by_view else (image_id,), empty) for by_view, groups in others]
         feats[rows], pairs = _box_features(boxes[rows], scores[rows], width, height, ev)
         ens[rows] = _ensemble(scores[rows], pairs)
-    for j, name in enumerate(FEATURES):
-        out[name] = feats[:, j]
-    out["ensemble_score"] = ens
-    return out
+    added = pd.DataFrame(feats, columns=list(FEATURES), index=dets.index)
+    added["ensemble_score"] = ens
+    return pd.concat([dets.drop(columns=[*FEATURES, "ensemble_score"], errors="ignore"), added], axis=1)
 
 
 # a detections (or oracle) shard plus the features and the ensemble score: ``confrank features``
