@@ -1,4 +1,4 @@
-# Per-box image evidence: a face-trained network (RetinaFace MobileNet-0.25) read at every box.
+# Per-box image evidence: a face-trained network (config `image_evidence`) read at every box.
 # Code: stages/image_features.py (library: pipeline/ranker/image_evidence.py). Writes:
 # interim/image_features/. Targets ask for it where a ranker reads the image evidence.
 
@@ -20,11 +20,14 @@ rule image_features:
         runtime=60,
     params:
         weights=config["weights_dir"],
+        net=config["image_evidence"]["net"],
+        max_side=config["image_evidence"]["max_side"],
         code=code_hash("stages.image_features"),
     shell:
         confrank(
             "image_features",
-            "image-features --dataset {wildcards.dataset} --detector {wildcards.detector} --scales {wildcards.scales}",
+            "image-features --dataset {wildcards.dataset} --detector {wildcards.detector} --scales {wildcards.scales}"
+            " --evidence-net {params.net} --max-side {params.max_side}",
             env=WEIGHTS_ENV,
             device=True,
         )

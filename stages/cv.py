@@ -51,7 +51,7 @@ from stages.common import parse_names, pick_device, read_gt, scales_option
 from stages.featurestore import ensure_features, feature_shards
 from stages.layout import Layout, data_dir_option
 from stages.ranker_options import ranker_options, ranker_values
-from stages.rankerio import GT_COLUMNS, load_images_table, ranker_shards, score_context, train
+from stages.rankerio import GT_COLUMNS, image_evidence_of, load_images_table, ranker_shards, score_context, train
 
 #: the held-out methods compared, and the column each fuses on
 METHODS = ("single", "rank", "oracle", "ensemble")
@@ -71,12 +71,14 @@ def pool_folds(layout: Layout, pool: list[str], folds: int) -> dict[str, dict[st
 def held_out_frames(layout: Layout, kind, settings, pool: list[str], detectors: list[str], scales: str,
                     evidence: tuple[str, ...]) -> dict[tuple[str, str], pd.DataFrame]:
     """Every box of every (dataset, detector) as the ranker reads it, with ``oracle_iou`` (and,
-    with an evidence set, ``ensemble_score``), the rows of each shard in stored order."""
-    frames = {}
+    with an evidence set, ``ensemble_score``), the rows of each shard in stored order. Image
+    evidence, when the ranker reads it, must have been made with one setting for the whole pool."""
+    frames, read = {}, []
     for dataset in pool:
         for det in detectors:
-            frame = pd.concat([f for _, f, _ in ranker_shards(layout, kind, settings, dataset, det, scales)],
-                              ignore_index=True)
+            shards = ranker_shards(layout, kind, settings, dataset, det, scales)
+            read.extend(p for _, _, inputs in shards for p in inputs)
+            frame = pd.concat([f for _, f, _ in shards], ignore_index=True)
             if evidence and "ensemble_score" not in frame.columns:
                 ens = pd.concat([f for _, f, _ in feature_shards(layout, dataset, det, scales, evidence)], ignore_index=True)
                 frame["ensemble_score"] = ens["ensemble_score"].to_numpy()
@@ -84,6 +86,7 @@ def held_out_frames(layout: Layout, kind, settings, pool: list[str], detectors: 
                 raise MissingInputError(f"{dataset}/{det}/{scales}: no oracle_iou; run `confrank oracle` first")
             frame["detector"] = det
             frames[(dataset, det)] = frame
+    image_evidence_of(read)
     return frames
 
 

@@ -174,7 +174,7 @@ def _learned(layout: Layout, dataset: str, names: list[str], scales: str, ranker
     sizes, images_path = image_sizes(layout, dataset)
     frames, inputs = [], []
     for det in names:
-        shards = ranker_shards(layout, loaded.kind, loaded.settings, dataset, det, scales)
+        shards = ranker_shards(layout, loaded.kind, loaded.settings, dataset, det, scales, loaded.image_evidence)
         frames.append(pd.concat([f for _, f, _ in shards], ignore_index=True))
         inputs += [p for _, _, read in shards for p in read]
     final = impl.fuse(loaded.model, loaded.settings, frames, sizes, keep)

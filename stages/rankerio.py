@@ -150,37 +150,68 @@ def load_box_data(layout: Layout, datasets: list[str], detectors: list[str], sca
     return BoxData(images, ImageReader(paths)), inputs, trained
 
 
-def _with_image_features(layout: Layout, dataset: str, det: str, scales: str, shard: int,
-                         frame: pd.DataFrame) -> tuple[pd.DataFrame, list[Path]]:
-    """``frame`` (one shard's rows) with the image evidence columns of ``confrank image-features``."""
+#: the settings of ``confrank image-features`` that change what its columns mean
+IMAGE_EVIDENCE_KEYS = ("evidence_net", "max_side")
+
+
+def image_evidence_record(path: Path) -> dict[str, Any]:
+    """The :data:`IMAGE_EVIDENCE_KEYS` settings an image-features shard was made with (its
+    provenance), e.g. ``{"evidence_net": "retinaface-mnet025", "max_side": 1024}``."""
+    config = read_metadata(path).get("config") or {}
+    return {key: config.get(key) for key in IMAGE_EVIDENCE_KEYS}
+
+
+def _with_image_features(layout: Layout, dataset: str, det: str, scales: str, shard: int, frame: pd.DataFrame,
+                         expect: Mapping[str, Any] | None) -> tuple[pd.DataFrame, list[Path]]:
+    """``frame`` (one shard's rows) with the image evidence columns of ``confrank image-features``;
+    ConfrankError when the shard was made with other settings than ``expect`` (None: any)."""
     from pipeline.ranker.image_evidence import IMAGE_FEATURES
 
     path = layout.image_features(dataset, det, scales, shard)
+    command = f"confrank image-features --dataset {dataset} --detector {det} --scales {scales}"
     if not path.is_file():
-        raise MissingInputError(f"{path}: no image evidence; run `confrank image-features --dataset {dataset} "
-                                f"--detector {det} --scales {scales}` first")
+        raise MissingInputError(f"{path}: no image evidence; run `{command}` first")
+    made = image_evidence_record(path)
+    if expect is not None and made != dict(expect):
+        options = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in expect.items())
+        raise ConfrankError(f"{path}: image evidence made with {made}, but the ranker was trained on {dict(expect)}; "
+                            f"rerun `{command} {options}`")
     evidence = read_table(path, "image_features")
     keys = ["x1", "y1", "x2", "y2", "score"]
     if len(evidence) != len(frame) or not np.array_equal(evidence[keys].to_numpy(), frame[keys].to_numpy()):
-        raise ConfrankError(f"{path}: rows differ from the detector's shard {shard}; rerun `confrank image-features "
-                            f"--dataset {dataset} --detector {det} --scales {scales}`")
-    out = frame.copy()
-    for column in IMAGE_FEATURES:
-        out[column] = evidence[column].to_numpy(np.float32)
-    return out, [path]
+        raise ConfrankError(f"{path}: rows differ from the detector's shard {shard}; rerun `{command}`")
+    added = pd.DataFrame({c: evidence[c].to_numpy(np.float32) for c in IMAGE_FEATURES}, index=frame.index)
+    return pd.concat([frame.drop(columns=list(IMAGE_FEATURES), errors="ignore"), added], axis=1), [path]
+
+
+def image_evidence_of(inputs: Iterable[Path]) -> dict[str, Any] | None:
+    """The one image-evidence record (:func:`image_evidence_record`) of the image-features shards
+    among ``inputs``; None when there are none. ConfrankError naming two shards that differ: one
+    ranker reads one kind of evidence."""
+    records: dict[tuple, Path] = {}
+    for path in inputs:
+        if len(path.parents) > 3 and path.parents[3].name == "image_features":
+            records.setdefault(tuple(sorted(image_evidence_record(path).items())), path)
+    if len(records) > 1:
+        (a, path_a), (b, path_b) = list(records.items())[:2]
+        raise ConfrankError(f"image evidence made with different settings: {path_a} ({dict(a)}) and {path_b} ({dict(b)}); "
+                            f"rerun `confrank image-features` with one --evidence-net and --max-side for all")
+    return dict(next(iter(records))) if records else None
 
 
 def ranker_shards(layout: Layout, kind: RankerKind, settings: Any, dataset: str, det: str,
-                  scales: str) -> list[tuple[int, pd.DataFrame, list[Path]]]:
+                  scales: str, image_evidence: Mapping[str, Any] | None = None) -> list[tuple[int, pd.DataFrame, list[Path]]]:
     """The rows a ranker of ``kind`` reads for one detector: (shard index, frame, files read) per
-    shard, rows in stored order; ``image_id`` and ``detector`` as plain strings."""
+    shard, rows in stored order; ``image_id`` and ``detector`` as plain strings. A ranker that
+    reads the image evidence gets it from shards made with ``image_evidence`` (the settings it
+    was trained on; None: any, for training)."""
     if kind.reads == "features":
         evidence = settings.evidence_set
         shards = feature_shards(layout, dataset, det, scales, evidence if evidence else None)
         if settings.image_features:
             joined = []
             for shard, frame, inputs in shards:
-                frame, more = _with_image_features(layout, dataset, det, scales, shard, frame)
+                frame, more = _with_image_features(layout, dataset, det, scales, shard, frame, image_evidence)
                 joined.append((shard, frame, inputs + more))
             shards = joined
     else:
@@ -264,6 +295,9 @@ def train(layout: Layout, ranker: str, datasets: list[str], detectors: list[str]
     run_config = {"ranker": ranker, "model": kind.name, "datasets": datasets, "detectors": detectors,
                   "scales": scales, "settings": settings.to_dict(), "chosen_ids": {k: sorted(v) for k, v in sorted(chosen.items())},
                   **(record or {})}
+    evidence_record = image_evidence_of(inputs)
+    if evidence_record is not None:
+        run_config["image_evidence"] = evidence_record
     run = FitRun(out, run_config, str(pick_device(device)), workers, checkpoint_every, stop_after,
                  values.get("log_every") or 10)
     write_text_atomic(out / "train_images.txt", trained_images_text(trained))

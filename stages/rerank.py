@@ -39,7 +39,8 @@ def run_rerank(layout: Layout, dataset: str, detector: str, scales: str, ranker:
     record = {"dataset": dataset, "detector": detector, "scales": scales, "ranker": ranker,
               "source": loaded.kind.reads, "model_config": loaded.to_dict()}
     written = []
-    for shard, frame, inputs in ranker_shards(layout, loaded.kind, loaded.settings, dataset, detector, scales):
+    shards = ranker_shards(layout, loaded.kind, loaded.settings, dataset, detector, scales, loaded.image_evidence)
+    for shard, frame, inputs in shards:
         out = scored_frame(frame, loaded.score(frame, context))
         meta = provenance("rerank", record, inputs=[*inputs, model_path, table_path],
                           ranker_sha256=sha256_file(model_path))

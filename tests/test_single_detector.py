@@ -12,9 +12,10 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.config import ranker_settings, read_preset
-from pipeline.errors import MissingInputError
+from pipeline.errors import ConfrankError, MissingInputError
 from pipeline.provenance import provenance
 from pipeline.ranker.image_evidence import IMAGE_FEATURES, KEY_COLUMNS
+from pipeline.ranker.registry import load_ranker
 from pipeline.tables import read_metadata, read_table, shard_paths, write_table
 from stages import rerank as rerank_stage
 from stages import train as train_stage
@@ -22,11 +23,19 @@ from stages.layout import Layout
 from tests.test_ranker_stages import SORT, invoke, make_pool
 
 
-def write_image_features(layout: Layout, dataset: str, detector: str, seed: int = 0) -> None:
+#: what `confrank image-features` records by default (its --evidence-net and --max-side)
+EVIDENCE = {"evidence_net": "retinaface-mnet025", "max_side": 1024}
+
+
+def write_image_features(layout: Layout, dataset: str, detector: str, seed: int = 0, shards=None,
+                         made_with: dict | None = None) -> None:
     """Synthetic image evidence aligned row by row with the detector's oracle shards: the first
-    column tells faces from the rest better than the detector's score does, the others are noise."""
+    column tells faces from the rest better than the detector's score does, the others are noise.
+    ``made_with``: the settings its provenance records (default :data:`EVIDENCE`)."""
     rng = np.random.default_rng(seed)
     for part in shard_paths(layout.oracle_dir(dataset, detector, "original")):
+        if shards is not None and int(part.stem.split("-", 1)[1]) not in shards:
+            continue
         dets = read_table(part, "detections")
         out = dets[list(KEY_COLUMNS)].copy()
         for j, name in enumerate(IMAGE_FEATURES):
@@ -34,7 +43,7 @@ def write_image_features(layout: Layout, dataset: str, detector: str, seed: int 
             out[name] = (dets["oracle_iou"].to_numpy(np.float32) + noise) if j == 0 else noise
         shard = int(part.stem.split("-", 1)[1])
         write_table(out, layout.image_features(dataset, detector, "original", shard), "image_features",
-                    provenance("image_features", {}), sort_by=SORT)
+                    provenance("image_features", made_with or EVIDENCE), sort_by=SORT)
 
 
 @pytest.fixture
@@ -87,3 +96,21 @@ def test_rerank_without_image_features_names_the_stage(pool):
     with pytest.raises(MissingInputError, match="confrank image-features --dataset toy --detector detA"):
         CliRunner().invoke(rerank_stage.cli, ["--dataset", "toy", "--detector", "detA", "--scales", "original",
                                               "--ranker", "s", "--data-dir", str(pool.root)], catch_exceptions=False)
+
+
+def test_ranker_records_its_image_evidence_and_refuses_other(pool):
+    invoke(train_stage.cli, TRAIN, pool)
+    assert load_ranker(pool.ranker_model("s")).image_evidence == EVIDENCE
+    # the held-out dataset's evidence made at a lower resolution: other numbers in the same columns
+    write_image_features(pool, "toy", "detA", made_with={**EVIDENCE, "max_side": 512})
+    with pytest.raises(ConfrankError, match=r"max_side': 512.*--evidence-net retinaface-mnet025 --max-side 1024"):
+        CliRunner().invoke(rerank_stage.cli, ["--dataset", "toy", "--detector", "detA", "--scales", "original",
+                                              "--ranker", "s", "--data-dir", str(pool.root)], catch_exceptions=False)
+    assert not pool.reranked_dir("s", "toy", "detA", "original").exists()
+
+
+def test_training_on_two_kinds_of_image_evidence_fails(pool):
+    write_image_features(pool, "toy2", "detA", seed=1, shards={1}, made_with={**EVIDENCE, "evidence_net": "retinaface-r50"})
+    with pytest.raises(ConfrankError, match="image evidence made with different settings"):
+        CliRunner().invoke(train_stage.cli, [*TRAIN, "--data-dir", str(pool.root)], catch_exceptions=False)
+    assert not pool.ranker_model("s").exists()

@@ -163,6 +163,9 @@ class LoadedRanker:
     kind: RankerKind
     model: Any
     settings: Any
+    #: the ``confrank image-features`` settings of the image evidence it trained on (None when it
+    #: reads none, or was trained before they were recorded)
+    image_evidence: dict[str, Any] | None = None
 
     def score(self, frame: pd.DataFrame, context: ScoreContext) -> np.ndarray:
         return self.kind.impl().score(self.model, self.settings, frame, context)
@@ -189,7 +192,8 @@ def load_ranker(path: Path, device: Any = None) -> LoadedRanker:
     for kind in KINDS.values():
         if kind.payload_format == fmt:
             model, settings = kind.impl().from_payload(payload, str(path), device)
-            return LoadedRanker(kind, model, settings)
+            run_config = (payload.get("extra") or {}).get("run_config") or {}
+            return LoadedRanker(kind, model, settings, run_config.get("image_evidence"))
     raise ConfrankError(f"{path}: not a confrank ranker model (expected a model.pt written by `confrank train`)")
 
 
