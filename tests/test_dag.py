@@ -244,20 +244,36 @@ def test_image_evidence_ranker_plans_image_features_before_train_and_rerank(tmp_
             assert (evidence in inputs[(rule, name)]) == (name == "single"), (rule, name)
 
 
-def test_table4_config_plans_8k_and_8k_multi_with_two_fold_rankers(tmp_path: Path):
+def test_table4_config_plans_8k_and_8k_multi_with_single_detector_rankers(tmp_path: Path):
     config = yaml.safe_load((ROOT / "config" / "table4.yaml").read_text())
     write_config(tmp_path, config)
     out = snakemake(tmp_path, "-n", "-p", "cv_all", "evaluate_all")
     jobs = planned_jobs(out)
     wildcards = [dict(kv.split("=", 1) for kv in j["wildcards"].split(", ")) for j in jobs if j["rule"] == "detect"]
     detect = sorted((w["dataset"], w["detector"], w["scales"]) for w in wildcards)
-    # every detector at original and 8k on both datasets; 8k-multi on val34 (all) and orig21 (slim, rfb)
-    assert len(detect) == 2 * 3 * 2 + 3 + 2
-    assert ("widerface-orig21", "retinaface-mnet025", "8k-multi") not in detect
-    commands = [line for line in out.splitlines() if "confrank cv run" in line]
-    assert len(commands) == 2 and all("--folds 2" in c and "--preset cpu" in c for c in commands)
-    assert any("--scales 8k-multi" in c and "--pool widerface-val34 " in c for c in commands)
-    assert any("--scales 8k " in c and "--pool widerface-val34,widerface-orig21 " in c for c in commands)
+    # every detector at original on the four datasets (the ranker trains on three of them), 8k and
+    # 8k-multi on widerface-val34 only
+    assert len(detect) == 4 * 3 + 3 + 3
+    assert {d for d, _, s in detect if s != "original"} == {"widerface-val34"}
+    commands = [line for line in out.splitlines() if "confrank " in line]
+    cv = [c for c in commands if "confrank cv run" in c]
+    assert len(cv) == 1 and "--folds 2" in cv[0] and "--preset cpu-single" in cv[0]
+    assert "--scales 8k " in cv[0] and "--pool widerface-val34 " in cv[0]
+    # rank: trained at original on the other datasets (never on widerface-val34), applied at 8K
+    train = [c for c in commands if "confrank train" in c]
+    assert len(train) == 1 and "--datasets widerface416,widerface416-extra,widerface-orig21 " in train[0]
+    assert "--scales original" in train[0] and "--preset cpu-single" in train[0]
+    reranks = sorted(j["wildcards"] for j in jobs if j["rule"] == "rerank")
+    assert sum("scales=8k," in w or w.endswith("scales=8k") for w in reranks) == 3
+    assert sum("scales=8k-multi" in w for w in reranks) == 3
+    # the image evidence of every ranker's boxes, with the config's network and input size
+    evidence = [c for c in commands if "confrank image-features" in c]
+    assert evidence and all("--evidence-net retinaface-mnet025 --max-side 1024" in c for c in evidence)
+    config["image_evidence"] = {"max_side": 512}
+    write_config(tmp_path, config)
+    out = snakemake(tmp_path, "-n", "-p", "cv_all", "evaluate_all")
+    evidence = [line for line in out.splitlines() if "confrank image-features" in line]
+    assert evidence and all("--evidence-net retinaface-mnet025 --max-side 512" in c for c in evidence)
 
 
 FUSION_CONFIG = {
