@@ -1,18 +1,22 @@
 """Seed 000's single-detector setting: seconds per image of ``single``, ``rank`` and ``multi``.
 
-For each detector, on the same ``--n`` real widerface416 images (416 x 416), one image at a
-time (a frame's latency, as seed 000's tables 3-4 report it), three paths end to end:
+For each detector, on the same ``--n`` real images of ``--dataset`` (widerface416: 416 x 416;
+widerface-val34: WiderFace's full-resolution val images), one image at a time (a frame's
+latency, as seed 000's tables 3-4 report it), three paths end to end:
 
-- ``single``: detect at ``original`` (:class:`pipeline.detect.DetectLoop`), then NMS IoU 0.4
-  (:func:`pipeline.postprocess.fuse`, as ``confrank nms --method single``);
+- ``single``: detect at ``--scales`` (``original``, or ``8k`` for seed 000's table 4;
+  :class:`pipeline.detect.DetectLoop`), then NMS IoU 0.4 (:func:`pipeline.postprocess.fuse`,
+  as ``confrank nms --method single``);
 - ``rank``: the same detection, then the image evidence of every box (RetinaFace
-  MobileNet-0.25 read once per image, :class:`ImageEvidence`, as ``confrank image-features``),
+  MobileNet-0.25 read once per image from the image file, at most ``--max-side`` px,
+  :class:`ImageEvidence`, as ``confrank image-features``),
   the per-box features with no other detector (:func:`frame_features`, as ``confrank
   features`` reads them for a ranker without evidence), the trees' new scores
   (``--model``: a ``cpu-single`` ranker's ``model.pt``, as ``confrank rerank``), then NMS on
   them (``confrank nms --method rank``);
-- ``multi``: detect at ``wider-multi`` (short side 500..1700 px, with flips: 10 network
-  calls), then box voting (``confrank nms --method multi``).
+- ``multi``: detect at ``--multi`` (``wider-multi``: short side 500..1700 px, with flips, 10
+  network calls; ``8k-multi``: 7680, 5760 and 4096 px with flips, 6), then box voting
+  (``confrank nms --method multi``).
 
 The baseline is ``single``, measured in the same run: the three paths run one after another
 on each image (so they see the same load), ``--repeats`` times, and each path's fastest run on
@@ -22,7 +26,8 @@ every path on the first image comes first (warm-up). JPEG decoding is not timed 
 decodes more than the others: all read the same decoded image).
 
 Run: ``.venv/bin/python bench/single_detector.py --model DATA/processed/rankers/NAME/model.pt
-[--n 10] [--repeats 2] [--threads 1] [--detectors retinaface-mnet025,slim,rfb]`` after
+[--n 10] [--repeats 2] [--threads 1] [--detectors retinaface-mnet025,slim,rfb]
+[--dataset widerface416] [--scales original] [--multi wider-multi] [--max-side 1024]`` after
 ``confrank train --datasets widerface416 --detectors slim --scales original --ranker NAME
 --preset cpu-single``. Weights from ``$CONFRANK_WEIGHTS``, else the cache.
 """
@@ -74,9 +79,9 @@ def detections(loop: DetectLoop, image: Decoded) -> pd.DataFrame:
 class Paths:
     """The three paths of one detector; each call returns ``{part: seconds}``."""
 
-    def __init__(self, detector, evidence: ImageEvidence, ranker, batch_size: int):
-        self.single_loop = DetectLoop(detector, list(scale_set("original")), batch_size=batch_size)
-        self.multi_loop = DetectLoop(detector, list(scale_set("wider-multi")), batch_size=batch_size)
+    def __init__(self, detector, evidence: ImageEvidence, ranker, batch_size: int, scales: str, multi: str):
+        self.single_loop = DetectLoop(detector, list(scale_set(scales)), batch_size=batch_size)
+        self.multi_loop = DetectLoop(detector, list(scale_set(multi)), batch_size=batch_size)
         self.evidence = evidence
         self.ranker = ranker
 
@@ -100,8 +105,7 @@ class Paths:
         t2 = time.perf_counter()
         height, width = bgr.shape[:2]
         frame = frame_features(dets, {}, {image.image_id: (width, height)})
-        for j, name in enumerate(IMAGE_FEATURES):
-            frame[name] = image_cols[:, j]
+        frame = pd.concat([frame, pd.DataFrame(image_cols, columns=list(IMAGE_FEATURES), index=frame.index)], axis=1)
         t3 = time.perf_counter()
         frame["rank_score"] = self.ranker.score(frame, ScoreContext({image.image_id: (width, height)}))
         t4 = time.perf_counter()
@@ -116,7 +120,11 @@ class Paths:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="a cpu-single ranker's model.pt (confrank train)")
-    parser.add_argument("--n", type=int, default=10, help="widerface416 images")
+    parser.add_argument("--n", type=int, default=10, help="images (the first in file-name order)")
+    parser.add_argument("--dataset", default="widerface416", help="a WiderFace-layout folder of ../shared")
+    parser.add_argument("--scales", default="original", help="the scale set of single and rank")
+    parser.add_argument("--multi", default="wider-multi", help="the scale set of multi")
+    parser.add_argument("--max-side", type=int, default=1024, help="the evidence network's longest input side")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each path per image (fastest kept)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of every path (one: the cores are shared; see docs/ranker-evidence.md)")
@@ -130,17 +138,19 @@ def main() -> None:
     ranker = load_ranker(args.model, device)
     if not getattr(ranker.settings, "image_features", False) or ranker.settings.evidence_set:
         raise SystemExit(f"{args.model}: not a single-detector ranker with image evidence (preset cpu-single)")
-    evidence = ImageEvidence.from_detector(build("retinaface-mnet025", device))
-    files = sorted((SHARED / "widerface416" / "WIDER_val" / "images").glob("*/*.jpg"))[: args.n]
+    evidence = ImageEvidence.from_detector(build("retinaface-mnet025", device), args.max_side)
+    files = sorted((SHARED / args.dataset / "WIDER_val" / "images").glob("*/*.jpg"))[: args.n]
     bgrs = [decode_image(p) for p in files]
     images = [Decoded(p.stem, to_chw_tensor(b)) for p, b in zip(files, bgrs)]
-    print(f"cpu, {args.threads} torch thread(s), load {os.getloadavg()[0]:.2f}; {len(images)} widerface416 images "
-          f"416x416, best of {args.repeats} per image; ranker {args.model.parent.name}: {ranker.kind.name} "
-          f"{','.join(ranker.settings.features)}")
+    sides = np.mean([max(b.shape[:2]) for b in bgrs])
+    print(f"cpu, {args.threads} torch thread(s), load {os.getloadavg()[0]:.2f}; {len(images)} {args.dataset} images "
+          f"(long edge {sides:.0f} px on average), single/rank at {args.scales}, multi at {args.multi}, evidence at "
+          f"<= {args.max_side} px, best of {args.repeats} per image; ranker {args.model.parent.name}: "
+          f"{ranker.kind.name} {','.join(ranker.settings.features)}")
     print(f"{'detector':20s} {'single s/img':>12s} {'rank s/img':>11s} {'multi s/img':>12s} {'rank/single':>11s} "
           f"{'rank/multi':>10s}  rank extra ms/img (evidence, features, trees)")
     for name in args.detectors.split(","):
-        paths = Paths(build(name, device), evidence, ranker, args.batch_size)
+        paths = Paths(build(name, device), evidence, ranker, args.batch_size, args.scales, args.multi)
         runs = {"single": paths.single, "rank": paths.rank, "multi": paths.multi}
         for run in runs.values():  # warm-up
             run(images[0], bgrs[0])
