@@ -20,9 +20,7 @@ from torchvision.ops import batched_nms, box_iou
 from torchvision.ops import nms as _torchvision_nms
 
 from pipeline.iou import paired_iou_continuous, shift_plus_one
-
-#: box columns of every table, x1, y1, x2, y2 in original-image pixels
-BOX = ["x1", "y1", "x2", "y2"]
+from pipeline.tables import BOX_COLUMNS
 
 #: IoU matrix entries computed at once when assigning boxes to voting clusters
 _CHUNK = 1 << 22
@@ -262,12 +260,12 @@ def annotate_oracle(dets: pd.DataFrame, gt: pd.DataFrame) -> pd.DataFrame:
     dets = dets.drop(columns=[c for c in ("oracle_iou", "gt_id") if c in dets])
     image_ids = dets["image_id"].astype(str)
     gt = gt[gt["image_id"].isin(set(image_ids))]
-    codes, uniques = pd.factorize(pd.concat([image_ids, gt["image_id"]], ignore_index=True), sort=True)
+    codes, _ = pd.factorize(pd.concat([image_ids, gt["image_id"]], ignore_index=True), sort=True)
     det_codes, gt_codes = codes[: len(dets)], codes[len(dets):]
     order = np.lexsort((gt["gt_id"].to_numpy(), gt_codes))
-    gt_boxes = torch.from_numpy(gt[BOX].to_numpy(np.float64, copy=True)[order])
+    gt_boxes = torch.from_numpy(gt[list(BOX_COLUMNS)].to_numpy(np.float64, copy=True)[order])
     iou, row = oracle_iou(
-        torch.from_numpy(dets[BOX].to_numpy(np.float64, copy=True)), torch.from_numpy(det_codes.astype(np.int64)),
+        torch.from_numpy(dets[list(BOX_COLUMNS)].to_numpy(np.float64, copy=True)), torch.from_numpy(det_codes.astype(np.int64)),
         gt_boxes, torch.from_numpy(gt_codes[order].astype(np.int64)),
     )
     row = row.numpy()

@@ -171,8 +171,7 @@ def _with_image_features(layout: Layout, dataset: str, det: str, scales: str, sh
     command = f"confrank image-features --dataset {dataset} --detector {det} --scales {scales}"
     if not path.is_file():
         raise MissingInputError(f"{path}: no image evidence; run `{command}` first")
-    made = image_evidence_record(path)
-    if expect is not None and made != dict(expect):
+    if expect is not None and (made := image_evidence_record(path)) != dict(expect):
         options = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in expect.items())
         raise ConfrankError(f"{path}: image evidence made with {made}, but the ranker was trained on {dict(expect)}; "
                             f"rerun `{command} {options}`")
